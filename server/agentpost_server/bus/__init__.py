@@ -1,0 +1,1 @@
+"""Internal server-to-server frames (generated code in v1/)."""
