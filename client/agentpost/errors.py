@@ -11,6 +11,7 @@ them again on the other side of the wire).
     ├── AgentOfflineError               AGENT_OFFLINE     NOT_FOUND
     │   └── NoResponderError            NO_RESPONDER      NOT_FOUND
     ├── PayloadTooLargeError            PAYLOAD_TOO_LARGE RESOURCE_EXHAUSTED
+    ├── SlowConsumerError               SLOW_CONSUMER     RESOURCE_EXHAUSTED
     ├── RequestTimeoutError             REQUEST_TIMEOUT   DEADLINE_EXCEEDED  (also a TimeoutError)
     ├── HandlerError                    HANDLER_FAILED    UNKNOWN
     ├── UnavailableError                BACKEND_UNAVAILABLE UNAVAILABLE
@@ -72,6 +73,10 @@ class NoResponderError(AgentOfflineError):
 
 class PayloadTooLargeError(AgentpostError):
     """The payload is larger than the server's limit (`metadata["limit_bytes"]`)."""
+
+
+class SlowConsumerError(AgentpostError):
+    """The session fell too far behind reading its deliveries and the server closed it."""
 
 
 class RequestTimeoutError(AgentpostError, TimeoutError):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentpost/v1/errors.proto\x12\x0c\x61gentpost.v1\"\xb7\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.agentpost.v1.ErrorReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.agentpost.v1.Error.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaa\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12!\n\x1d\x45RROR_REASON_INVALID_AGENT_ID\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_INVALID_TOPIC\x10\x03\x12#\n\x1f\x45RROR_REASON_PROTOCOL_VIOLATION\x10\x04\x12 \n\x1c\x45RROR_REASON_AGENT_NOT_FOUND\x10\x05\x12\x1e\n\x1a\x45RROR_REASON_AGENT_OFFLINE\x10\x06\x12\x1d\n\x19\x45RROR_REASON_NO_RESPONDER\x10\x07\x12\"\n\x1e\x45RROR_REASON_PAYLOAD_TOO_LARGE\x10\x08\x12 \n\x1c\x45RROR_REASON_REQUEST_TIMEOUT\x10\t\x12\x1f\n\x1b\x45RROR_REASON_HANDLER_FAILED\x10\n\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\x0b\x12%\n!ERROR_REASON_SERVER_SHUTTING_DOWN\x10\x0c\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\r\x12 \n\x1c\x45RROR_REASON_UNKNOWN_REQUEST\x10\x0e\x12 \n\x1c\x45RROR_REASON_CONNECTION_LOST\x10\x0f\x42@Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentpost/v1/errors.proto\x12\x0c\x61gentpost.v1\"\xb7\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.agentpost.v1.ErrorReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.agentpost.v1.Error.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xca\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12!\n\x1d\x45RROR_REASON_INVALID_AGENT_ID\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_INVALID_TOPIC\x10\x03\x12#\n\x1f\x45RROR_REASON_PROTOCOL_VIOLATION\x10\x04\x12 \n\x1c\x45RROR_REASON_AGENT_NOT_FOUND\x10\x05\x12\x1e\n\x1a\x45RROR_REASON_AGENT_OFFLINE\x10\x06\x12\x1d\n\x19\x45RROR_REASON_NO_RESPONDER\x10\x07\x12\"\n\x1e\x45RROR_REASON_PAYLOAD_TOO_LARGE\x10\x08\x12 \n\x1c\x45RROR_REASON_REQUEST_TIMEOUT\x10\t\x12\x1f\n\x1b\x45RROR_REASON_HANDLER_FAILED\x10\n\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\x0b\x12%\n!ERROR_REASON_SERVER_SHUTTING_DOWN\x10\x0c\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\r\x12 \n\x1c\x45RROR_REASON_UNKNOWN_REQUEST\x10\x0e\x12 \n\x1c\x45RROR_REASON_CONNECTION_LOST\x10\x0f\x12\x1e\n\x1a\x45RROR_REASON_SLOW_CONSUMER\x10\x10\x42@Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR_METADATAENTRY']._loaded_options = None
   _globals['_ERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ERRORREASON']._serialized_start=230
-  _globals['_ERRORREASON']._serialized_end=784
+  _globals['_ERRORREASON']._serialized_end=816
   _globals['_ERROR']._serialized_start=44
   _globals['_ERROR']._serialized_end=227
   _globals['_ERROR_METADATAENTRY']._serialized_start=180

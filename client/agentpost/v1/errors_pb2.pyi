@@ -63,6 +63,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: a reply names a request this session is not (or no longer) answering."""
     ERROR_REASON_CONNECTION_LOST: _ErrorReason.ValueType  # 15
     """UNAVAILABLE: the connection to the server was lost before an answer arrived (client side)."""
+    ERROR_REASON_SLOW_CONSUMER: _ErrorReason.ValueType  # 16
+    """RESOURCE_EXHAUSTED: the session fell too far behind reading its deliveries and was closed."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call or an operation failed. Sent as `google.rpc.ErrorInfo.reason` (domain "agentpost")
@@ -109,6 +111,8 @@ ERROR_REASON_UNKNOWN_REQUEST: ErrorReason.ValueType  # 14
 """INVALID_ARGUMENT: a reply names a request this session is not (or no longer) answering."""
 ERROR_REASON_CONNECTION_LOST: ErrorReason.ValueType  # 15
 """UNAVAILABLE: the connection to the server was lost before an answer arrived (client side)."""
+ERROR_REASON_SLOW_CONSUMER: ErrorReason.ValueType  # 16
+"""RESOURCE_EXHAUSTED: the session fell too far behind reading its deliveries and was closed."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

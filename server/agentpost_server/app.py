@@ -1,0 +1,244 @@
+"""Composition root: settings -> logging -> Redis (or an embedded Valkey) -> bus, presence, hub ->
+gRPC server (+ health, reflection) -> arq worker; signals and a graceful drain.
+
+`App` is what tests start in-process; `serve_main` and `worker_main` are the CLI's entry points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from agentpost.errors import AgentpostError
+from agentpost.v1 import messaging_pb2, messaging_pb2_grpc
+from agentpost_server.core.hub import Hub
+from agentpost_server.core.ids import new_server_id
+from agentpost_server.core.limits import Limits
+from agentpost_server.logs import configure_logging
+from agentpost_server.rpc.servicer import AgentMessagingServicer
+from agentpost_server.settings import Settings
+from agentpost_server.store.bus import RedisBus
+from agentpost_server.store.embedded import EmbeddedRedis
+from agentpost_server.store.keys import Keys
+from agentpost_server.store.presence import RedisPresence
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = messaging_pb2.DESCRIPTOR.services_by_name["AgentMessaging"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class App:
+    """One server process: start() brings everything up, stop() drains and tears it down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server_id = new_server_id()
+        self.port = 0
+        self.redis_url = settings.redis_url or ""
+        self._embedded: EmbeddedRedis | None = None
+        self._redis: Redis | None = None
+        self._bus: RedisBus | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.hub: Hub | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if not self.redis_url:
+            self._embedded = EmbeddedRedis(s.data_dir)
+            self.redis_url = await self._embedded.start()
+        self._redis = Redis.from_url(self.redis_url, health_check_interval=10)
+        await self._wait_for_redis()
+        keys = Keys(s.key_prefix)
+        self._bus = RedisBus(self._redis, keys, self.server_id)
+        presence = RedisPresence(self._redis, keys)
+        self.hub = hub = Hub(
+            server_id=self.server_id, bus=self._bus, presence=presence, limits=_limits(s)
+        )
+        await self._bus.start(hub)
+        await hub.heartbeat()
+
+        self._server = server = grpc.aio.server(options=_grpc_options(s))
+        messaging_pb2_grpc.add_AgentMessagingServicer_to_server(AgentMessagingServicer(hub), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(s.listen)
+        await server.start()
+        host = s.listen.rpartition(":")[0]
+        log.info("agentpost %s serving on %s:%d", self.server_id, host, self.port)
+        await self._set_health(True)
+        self._tasks = [
+            asyncio.create_task(self._upkeep(), name="upkeep"),
+            asyncio.create_task(self._watch_redis(), name="health"),
+        ]
+        if s.worker:
+            self._tasks.append(asyncio.create_task(self._run_worker(), name="arq-worker"))
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, sessions told to go away, calls given the grace period."""
+        grace = self.settings.shutdown_grace
+        log.info("shutting down (grace %.1fs)", grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._health.enter_graceful_shutdown()
+        if self.hub is not None:
+            await self.hub.shutdown("the server is shutting down; reconnect to another one")
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._bus is not None:
+            await self._bus.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._embedded is not None:
+            await self._embedded.stop()
+        log.info("stopped")
+
+    async def _wait_for_redis(self) -> None:
+        assert self._redis is not None
+        delay = 0.1
+        while True:
+            try:
+                await self._redis.ping()
+                return
+            except Exception as exc:
+                log.warning("waiting for Redis at %s: %s", _safe_url(self.redis_url), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = _SERVING if serving else _NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def _watch_redis(self) -> None:
+        assert self._redis is not None
+        serving = True
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._redis.ping()
+                ok = True
+            except Exception:
+                ok = False
+            if ok != serving:
+                serving = ok
+                log.warning(
+                    "Redis is %s: health %s",
+                    "back" if ok else "unreachable",
+                    "SERVING" if ok else "NOT_SERVING",
+                )
+                await self._set_health(ok)
+
+    async def _upkeep(self) -> None:
+        assert self.hub is not None
+        while True:
+            await asyncio.sleep(self.settings.keepalive_interval)
+            try:
+                await self.hub.tick()
+            except AgentpostError as exc:
+                log.warning("upkeep: %s", exc)
+
+    async def _run_worker(self) -> None:
+        from agentpost_server.jobs.worker import build_worker
+
+        worker = build_worker(self.settings, self.redis_url, handle_signals=False)
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+
+
+def _limits(s: Settings) -> Limits:
+    return Limits(
+        max_payload_bytes=s.max_payload_bytes,
+        default_request_timeout=s.request_timeout,
+        max_request_timeout=s.max_request_timeout,
+        keepalive_interval=s.keepalive_interval,
+        max_buffered_events=s.max_buffered_events,
+        max_subscriptions=s.max_subscriptions,
+    )
+
+
+def _grpc_options(s: Settings) -> list[tuple[str, Any]]:
+    keepalive_ms = int(s.keepalive_interval * 1000)
+    return [
+        # Room for a frame of several operations; single payloads are checked by the hub.
+        ("grpc.max_receive_message_length", max(4 << 20, 4 * s.max_payload_bytes)),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+async def _serve(settings: Settings) -> int:
+    app = App(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def serve_main(
+    *, listen: str | None = None, redis_url: str | None = None, worker: bool | None = None
+) -> int:
+    """`agentpost serve`: the gRPC server and (unless disabled) the arq worker, until SIGTERM."""
+    settings = _settings(listen=listen, redis_url=redis_url, worker=worker)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(_serve(settings))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except RuntimeError as exc:  # grpc: the port is taken or cannot be bound
+        log.error("cannot start: %s", exc)
+        return 1
+
+
+def worker_main(*, redis_url: str | None = None) -> int:
+    """`agentpost worker`: only the arq worker (the server processes run with --no-worker)."""
+    from agentpost_server.jobs.worker import build_worker
+
+    settings = _settings(redis_url=redis_url)
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.redis_url:
+        log.error("agentpost worker needs AGENTPOST_REDIS_URL (the embedded Valkey lives in serve)")
+        return 1
+    worker = build_worker(settings, settings.redis_url, handle_signals=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        worker.run()
+    return 0

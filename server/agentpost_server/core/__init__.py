@@ -1,0 +1,1 @@
+"""The domain: routing, presence, requests. Imports neither grpc nor redis."""

@@ -1,0 +1,530 @@
+"""The hub: this server process's sessions, and how a message finds its recipients.
+
+Outbound, the hub stamps an envelope (id, sender, time), picks the recipient session from the
+presence cache and hands the envelope to the bus; inbound, the bus hands it batches that the hub
+delivers to local sessions. Everything goes through the bus, even between two sessions of one
+process, so one server or ten behave alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+
+from google.protobuf import duration_pb2, struct_pb2
+
+from agentpost._status import to_error_proto
+from agentpost.errors import (
+    AgentNotFoundError,
+    AgentOfflineError,
+    AgentpostError,
+    InvalidArgumentError,
+    NoResponderError,
+    PayloadTooLargeError,
+    ProtocolViolationError,
+    ServerShuttingDownError,
+    UnknownRequestError,
+)
+from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2
+from agentpost_server.bus.v1 import bus_pb2
+from agentpost_server.core import events, names
+from agentpost_server.core.ids import UlidFactory, new_session_id
+from agentpost_server.core.limits import Limits
+from agentpost_server.core.ports import AgentRecord, Bus, Lane, PresenceChange, PresenceStore
+from agentpost_server.core.requests import PendingRequests
+from agentpost_server.core.session import InboundRequest, LocalSession
+from agentpost_server.core.topics import TopicIndex
+
+log = logging.getLogger(__name__)
+
+Kind = envelope_pb2.MessageKind
+Envelope = envelope_pb2.Envelope
+Payload = envelope_pb2.Payload
+
+
+class Hub:
+    def __init__(
+        self, *, server_id: str, bus: Bus, presence: PresenceStore, limits: Limits
+    ) -> None:
+        self.server_id = server_id
+        self.limits = limits
+        self._bus = bus
+        self._presence = presence
+        self._ids = UlidFactory()
+        self._sessions: dict[str, LocalSession] = {}
+        self._local_agents: dict[str, set[LocalSession]] = {}
+        self._topics: TopicIndex[LocalSession] = TopicIndex()
+        self._cache: dict[str, dict[str, str]] = {}  # agent id -> {session id: server id}
+        self.requests = PendingRequests()
+        self.accepting = True
+        self._heartbeats = 0
+
+    # ---- sessions -------------------------------------------------------------------------
+
+    async def open_session(self, intro: messaging_pb2.Introduce) -> LocalSession:
+        self._check_accepting()
+        agent_id = names.check_agent_id(intro.agent_id)
+        capabilities = names.check_capabilities(intro.capabilities)
+        patterns = [names.check_pattern(p, "subscriptions") for p in intro.subscriptions]
+        if intro.metadata.ByteSize() > self.limits.max_metadata_bytes:
+            raise InvalidArgumentError(
+                f"metadata is {intro.metadata.ByteSize()} bytes; the limit is"
+                f" {self.limits.max_metadata_bytes}",
+                metadata={"field": "metadata"},
+            )
+        metadata = events.struct_to_dict(intro.metadata)
+        session = self._new_session(
+            agent_id, registered=True, capabilities=capabilities, metadata=metadata
+        )
+        self.subscribe(session, patterns)
+        record = AgentRecord(agent_id, capabilities, metadata)
+        try:
+            came_online = await self._presence.add_session(record, session.id, self.server_id)
+        except BaseException:
+            self._forget(session)
+            raise
+        await self._bus.announce(PresenceChange(agent_id, session.id, self.server_id, True))
+        if came_online:
+            self._system_event(events.agent_online(record))
+        log.info("session %s opened for agent %s", session.id, agent_id)
+        return session
+
+    def open_subscriber(
+        self, identity: str, patterns: Iterable[str], broadcasts: bool
+    ) -> LocalSession:
+        self._check_accepting()
+        checked = [names.check_pattern(p, "topics") for p in patterns]
+        if not checked and not broadcasts:
+            raise InvalidArgumentError(
+                "subscribe to at least one topic or to broadcasts", metadata={"field": "topics"}
+            )
+        session = self._new_session(identity, registered=False, broadcasts=broadcasts)
+        self.subscribe(session, checked)
+        return session
+
+    async def close_session(
+        self, session: LocalSession, error: AgentpostError | None = None
+    ) -> None:
+        """Forget a session (idempotent): fail what waits on it, and update presence."""
+        session.close(error)
+        if self._sessions.pop(session.id, None) is None:
+            return
+        self._forget(session)
+        for message_id in list(session.outgoing_requests):
+            self.requests.cancel(message_id)
+        for message_id, inbound in session.inbound_requests.items():
+            gone = NoResponderError(f"agent {session.agent_id!r} disconnected before replying")
+            self._send_reply(session.agent_id, message_id, inbound, payload=None, error=gone)
+        session.inbound_requests.clear()
+        if not session.registered:
+            return
+        log.info("session %s of agent %s closed", session.id, session.agent_id)
+        try:
+            went_offline = await self._presence.remove_session(
+                session.agent_id, session.id, self.server_id
+            )
+            await self._bus.announce(
+                PresenceChange(session.agent_id, session.id, self.server_id, False)
+            )
+        except AgentpostError as exc:
+            log.warning("could not record that session %s left: %s", session.id, exc)
+            return
+        if went_offline:
+            self._system_event(events.agent_offline(session.agent_id))
+
+    def subscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
+        for pattern in patterns:
+            if pattern in session.subscriptions:
+                continue
+            if len(session.subscriptions) >= self.limits.max_subscriptions:
+                raise InvalidArgumentError(
+                    f"a session may hold at most {self.limits.max_subscriptions} subscriptions",
+                    metadata={"field": "patterns", "limit": str(self.limits.max_subscriptions)},
+                )
+            session.subscriptions.add(pattern)
+            self._topics.add(session, pattern)
+
+    def unsubscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
+        for pattern in patterns:
+            if pattern in session.subscriptions:
+                session.subscriptions.discard(pattern)
+                self._topics.remove(session, pattern)
+
+    def local_sessions(self) -> list[LocalSession]:
+        return list(self._sessions.values())
+
+    def local_agent_ids(self) -> list[str]:
+        return list(self._local_agents)
+
+    async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo:
+        names.check_agent_id(agent_id)
+        agent = await self._presence.get_agent(agent_id)
+        if agent is None:
+            raise AgentNotFoundError(
+                f"no agent {agent_id!r} is known", metadata={"agent_id": agent_id}
+            )
+        return agent
+
+    async def list_agents(self, capability: str, online: bool | None) -> list[agents_pb2.AgentInfo]:
+        return await self._presence.list_agents(capability, online)
+
+    async def shutdown(self, reason: str) -> None:
+        """Refuse new work and tell every session to go elsewhere."""
+        self.accepting = False
+        for session in self.local_sessions():
+            session.push(
+                messaging_pb2.ServerEvent(going_away=messaging_pb2.GoingAway(reason=reason))
+            )
+            session.close()
+        for session in self.local_sessions():
+            await self.close_session(session)
+
+    # ---- outbound ---------------------------------------------------------------------------
+
+    async def send(
+        self, sender: str, to: str, payload: Payload, headers: Mapping[str, str]
+    ) -> tuple[Envelope, asyncio.Future[None]]:
+        to = names.check_agent_id(to, "to")
+        envelope = self._envelope(sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers, agent=to)
+        session_id, server_id = await self._pick(to, sender, AgentOfflineError)
+        routed = bus_pb2.Routed(envelope=envelope, target_session=session_id)
+        return envelope, self._bus.publish(Lane.SERVER, routed, server_id)
+
+    def publish(
+        self,
+        sender: str,
+        topic: str | None,
+        payload: Payload,
+        headers: Mapping[str, str],
+        include_self: bool = False,
+    ) -> tuple[Envelope, asyncio.Future[None]]:
+        """Publish on `topic`, or broadcast when it is None."""
+        if topic is None:
+            envelope = self._envelope(sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers)
+            lane = Lane.BROADCAST
+        else:
+            names.check_topic(topic)
+            envelope = self._envelope(
+                sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers, topic=topic
+            )
+            lane = Lane.TOPICS
+        routed = bus_pb2.Routed(envelope=envelope, include_self=include_self)
+        return envelope, self._bus.publish(lane, routed)
+
+    async def request(
+        self,
+        sender: str,
+        to: str,
+        payload: Payload,
+        headers: Mapping[str, str],
+        reply_within: duration_pb2.Duration | float | None,
+        *,
+        session: LocalSession | None = None,
+        operation_id: str = "",
+    ) -> tuple[Envelope, asyncio.Future[None], asyncio.Future[Envelope] | None]:
+        """Route a request. Returns the envelope, the bus future and, for a call without a
+        session, the reply future; a session gets the reply (or the timeout) as an event."""
+        to = names.check_agent_id(to, "to")
+        seconds = self._timeout(reply_within)
+        envelope = self._envelope(sender, Kind.MESSAGE_KIND_REQUEST, payload, headers, agent=to)
+        session_id, server_id = await self._pick(to, sender, NoResponderError)
+        deadline_ms = time.time_ns() // 1_000_000 + int(seconds * 1000)
+        reply_to = session.id if session is not None else "call"
+        routed = bus_pb2.Routed(
+            envelope=envelope,
+            target_session=session_id,
+            reply_server=self.server_id,
+            reply_session=reply_to,
+            reply_operation=operation_id,
+            deadline_unix_ms=deadline_ms,
+        )
+        reply = self.requests.expect(envelope.id, seconds, to, session, operation_id)
+        sent = self._bus.publish(Lane.SERVER, routed, server_id)
+        return envelope, sent, reply
+
+    def reply(
+        self, session: LocalSession, message: messaging_pb2.ReplyMessage
+    ) -> tuple[Envelope, asyncio.Future[None]]:
+        inbound = session.inbound_requests.pop(message.correlation_id, None)
+        if inbound is None:
+            raise UnknownRequestError(
+                f"no request {message.correlation_id!r} is waiting for this session's reply"
+                " (unknown, already answered, or timed out)",
+                metadata={"field": "correlation_id"},
+            )
+        error = message.error if message.HasField("error") else None
+        return self._send_reply(
+            session.agent_id,
+            message.correlation_id,
+            inbound,
+            payload=message.payload,
+            headers=message.headers,
+            error_proto=error,
+        )
+
+    # ---- inbound (called by the bus) ----------------------------------------------------------
+
+    def on_routed(self, lane: Lane, batch: bus_pb2.BusBatch) -> None:
+        if lane is Lane.SERVER:
+            for item in batch.items:
+                self._on_addressed(item)
+        elif lane is Lane.TOPICS:
+            for item in batch.items:
+                envelope = item.envelope
+                for session in self._topics.match(envelope.recipient.topic):
+                    if item.include_self or session.agent_id != envelope.sender:
+                        session.deliver(envelope)
+        else:
+            for item in batch.items:
+                envelope = item.envelope
+                for session in self._sessions.values():
+                    if session.broadcasts and (
+                        item.include_self or session.agent_id != envelope.sender
+                    ):
+                        session.deliver(envelope)
+
+    def on_presence(self, change: PresenceChange) -> None:
+        if change.server_id == self.server_id:
+            return
+        known = self._cache.get(change.agent_id)
+        if known is None:
+            return  # not cached: the next lookup reads the whole set from storage
+        if change.added:
+            known[change.session_id] = change.server_id
+        else:
+            known.pop(change.session_id, None)
+            if not known:
+                del self._cache[change.agent_id]
+
+    def on_bus_reset(self) -> None:
+        self._cache.clear()
+        for agent_id, sessions in self._local_agents.items():
+            self._cache[agent_id] = {s.id: self.server_id for s in sessions}
+
+    # ---- upkeep -----------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Once per keep-alive interval: keep-alives out, silent sessions closed, presence kept."""
+        now = time.monotonic()
+        now_ms = time.time_ns() // 1_000_000
+        silent_after = 3 * self.limits.keepalive_interval
+        keep_alive = messaging_pb2.ServerEvent(keep_alive=messaging_pb2.KeepAlive())
+        for session in self.local_sessions():
+            for message_id in [
+                m for m, r in session.inbound_requests.items() if r.deadline_ms < now_ms
+            ]:
+                del session.inbound_requests[message_id]
+            if not session.registered:
+                continue
+            if now - session.last_heard > silent_after:
+                log.info(
+                    "session %s of %s was silent for %.0fs: closing",
+                    session.id,
+                    session.agent_id,
+                    now - session.last_heard,
+                )
+                await self.close_session(
+                    session,
+                    ProtocolViolationError(
+                        f"no keep-alive for {silent_after:.0f}s; the session is closed"
+                    ),
+                )
+            else:
+                session.push(keep_alive)
+        await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Keep this server alive in the registry; if it was reaped as dead (a long pause),
+        register its live sessions again."""
+        ttl = 3 * self.limits.keepalive_interval
+        unknown = await self._presence.heartbeat(self.server_id, self.local_agent_ids(), ttl)
+        if unknown and self._heartbeats:
+            log.warning("this server was taken for dead; registering its sessions again")
+            for session in self.local_sessions():
+                if session.registered:
+                    record = AgentRecord(session.agent_id, session.capabilities, session.metadata)
+                    await self._presence.add_session(record, session.id, self.server_id)
+        self._heartbeats += 1
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _on_addressed(self, item: bus_pb2.Routed) -> None:
+        envelope = item.envelope
+        if envelope.kind == Kind.MESSAGE_KIND_REPLY:
+            self.requests.resolve(envelope, item.reply_operation)
+            return
+        session = self._sessions.get(item.target_session)
+        if session is None or session.closed:
+            session = self._any_local_session(envelope.recipient.agent_id)
+        if envelope.kind == Kind.MESSAGE_KIND_REQUEST:
+            inbound = InboundRequest(
+                envelope.sender,
+                item.reply_server,
+                item.reply_session,
+                item.reply_operation,
+                item.deadline_unix_ms,
+            )
+            if session is None:
+                gone = NoResponderError(f"agent {envelope.recipient.agent_id!r} went away")
+                self._send_reply(
+                    envelope.recipient.agent_id, envelope.id, inbound, None, error=gone
+                )
+                return
+            session.inbound_requests[envelope.id] = inbound
+        elif session is None:
+            log.warning(
+                "message %s for %s dropped: the session left before delivery",
+                envelope.id,
+                envelope.recipient.agent_id,
+            )
+            return
+        session.deliver(envelope)
+
+    def _any_local_session(self, agent_id: str) -> LocalSession | None:
+        for session in self._local_agents.get(agent_id, ()):
+            if not session.closed:
+                return session
+        return None
+
+    def _send_reply(
+        self,
+        responder: str,
+        correlation_id: str,
+        inbound: InboundRequest,
+        payload: Payload | None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error: AgentpostError | None = None,
+        error_proto: errors_pb2.Error | None = None,
+    ) -> tuple[Envelope, asyncio.Future[None]]:
+        envelope = self._envelope(
+            responder,
+            Kind.MESSAGE_KIND_REPLY,
+            payload,
+            headers or {},
+            agent=inbound.requester,
+            correlation_id=correlation_id,
+        )
+        if error is not None:
+            envelope.error.CopyFrom(to_error_proto(error))
+        elif error_proto is not None:
+            envelope.error.CopyFrom(error_proto)
+            if not envelope.error.code:
+                envelope.error.code = 2  # UNKNOWN
+            if not envelope.error.reason:
+                envelope.error.reason = errors_pb2.ERROR_REASON_HANDLER_FAILED
+        routed = bus_pb2.Routed(
+            envelope=envelope,
+            target_session=inbound.reply_session,
+            reply_operation=inbound.reply_operation,
+        )
+        return envelope, self._bus.publish(Lane.SERVER, routed, inbound.reply_server)
+
+    def _system_event(self, event: tuple[str, struct_pb2.Value]) -> None:
+        envelope = events.system_envelope(self._ids.new(), *event)
+        future = self._bus.publish(Lane.TOPICS, bus_pb2.Routed(envelope=envelope))
+        future.add_done_callback(_log_failure)
+
+    def _envelope(
+        self,
+        sender: str,
+        kind: int,
+        payload: Payload | None,
+        headers: Mapping[str, str],
+        *,
+        agent: str = "",
+        topic: str = "",
+        correlation_id: str = "",
+    ) -> Envelope:
+        envelope = Envelope(
+            id=self._ids.new(),
+            sender=sender,
+            kind=kind,  # type: ignore[arg-type]
+            correlation_id=correlation_id,
+            headers=headers,
+            payload=payload,
+        )
+        if agent:
+            envelope.recipient.agent_id = agent
+        elif topic:
+            envelope.recipient.topic = topic
+        else:
+            envelope.recipient.broadcast.SetInParent()
+        envelope.created_at.FromNanoseconds(time.time_ns())
+        size = envelope.payload.ByteSize() + sum(len(k) + len(v) for k, v in headers.items())
+        if size > self.limits.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"the message is {size} bytes (payload and headers); the limit is"
+                f" {self.limits.max_payload_bytes}",
+                metadata={"limit_bytes": str(self.limits.max_payload_bytes)},
+            )
+        return envelope
+
+    async def _pick(
+        self, to: str, sender: str, missing: type[AgentOfflineError]
+    ) -> tuple[str, str]:
+        """One live session of `to` (sticky per sender, so a sender's messages stay in order)."""
+        sessions = self._cache.get(to)
+        if not sessions:
+            sessions = await self._presence.sessions_of(to)
+            if sessions:
+                self._cache[to] = sessions
+        if not sessions:
+            raise missing(f"agent {to!r} is not connected", metadata={"agent_id": to})
+        if len(sessions) == 1:
+            return next(iter(sessions.items()))
+        ordered = sorted(sessions)
+        chosen = ordered[zlib.crc32(sender.encode()) % len(ordered)]
+        return chosen, sessions[chosen]
+
+    def _timeout(self, timeout: duration_pb2.Duration | float | None) -> float:
+        if isinstance(timeout, duration_pb2.Duration):
+            seconds = timeout.ToNanoseconds() / 1e9 if timeout.ByteSize() else 0.0
+        else:
+            seconds = timeout or 0.0
+        if seconds < 0:
+            raise InvalidArgumentError(
+                "timeout must not be negative", metadata={"field": "timeout"}
+            )
+        if seconds == 0:
+            return self.limits.default_request_timeout
+        return min(seconds, self.limits.max_request_timeout)
+
+    def _new_session(self, agent_id: str, **kwargs: object) -> LocalSession:
+        session = LocalSession(
+            id=new_session_id(),
+            agent_id=agent_id,
+            max_buffered=self.limits.max_buffered_events,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self._sessions[session.id] = session
+        if session.registered:
+            self._local_agents.setdefault(agent_id, set()).add(session)
+            self._cache.setdefault(agent_id, {})[session.id] = self.server_id
+        return session
+
+    def _forget(self, session: LocalSession) -> None:
+        self._sessions.pop(session.id, None)
+        self.unsubscribe(session, list(session.subscriptions))
+        local = self._local_agents.get(session.agent_id)
+        if local is not None and session.registered:
+            local.discard(session)
+            if not local:
+                del self._local_agents[session.agent_id]
+            cached = self._cache.get(session.agent_id)
+            if cached is not None:
+                cached.pop(session.id, None)
+                if not cached:
+                    del self._cache[session.agent_id]
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise ServerShuttingDownError("the server is shutting down; connect to another one")
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("could not publish a system event: %s", future.exception())

@@ -1,0 +1,121 @@
+"""What each operation on a Connect stream does. Every operation gets exactly one answer with its
+operation id: `accepted` once the bus has taken the message, or `error`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agentpost._status import to_error_proto
+from agentpost.errors import (
+    AgentpostError,
+    InternalError,
+    InvalidArgumentError,
+    ProtocolViolationError,
+    UnavailableError,
+)
+from agentpost.v1 import envelope_pb2, messaging_pb2
+from agentpost_server.core import names
+from agentpost_server.core.hub import Hub
+from agentpost_server.core.session import LocalSession
+
+log = logging.getLogger(__name__)
+
+
+async def handle(hub: Hub, session: LocalSession, op: messaging_pb2.ClientOperation) -> None:
+    op_id = op.operation_id
+    kind = op.WhichOneof("operation")
+    try:
+        if kind == "send":
+            send = op.send
+            envelope, sent = await hub.send(session.agent_id, send.to, send.payload, send.headers)
+            _answer_when_sent(session, op_id, envelope, sent)
+        elif kind == "publish":
+            publish = op.publish
+            target = publish.WhichOneof("target")
+            if target is None:
+                raise InvalidArgumentError(
+                    "publish needs a topic or broadcast", metadata={"field": "target"}
+                )
+            envelope, sent = hub.publish(
+                session.agent_id,
+                publish.topic if target == "topic" else None,
+                publish.payload,
+                publish.headers,
+                publish.include_self,
+            )
+            _answer_when_sent(session, op_id, envelope, sent)
+        elif kind == "request":
+            request = op.request
+            envelope, sent, _ = await hub.request(
+                session.agent_id,
+                request.to,
+                request.payload,
+                request.headers,
+                request.timeout,
+                session=session,
+                operation_id=op_id,
+            )
+            _answer_request_when_sent(hub, session, op_id, envelope, sent)
+        elif kind == "reply":
+            envelope, sent = hub.reply(session, op.reply)
+            _answer_when_sent(session, op_id, envelope, sent)
+        elif kind == "subscribe":
+            patterns = [names.check_pattern(p, "patterns") for p in op.subscribe.patterns]
+            hub.subscribe(session, patterns)
+            session.answer(op_id)
+        elif kind == "unsubscribe":
+            hub.unsubscribe(session, op.unsubscribe.patterns)
+            session.answer(op_id)
+        elif kind == "keep_alive":
+            pass
+        elif kind == "introduce":
+            raise ProtocolViolationError("this session has already introduced itself")
+        else:
+            raise ProtocolViolationError(
+                "the operation is empty or of a kind this server does not know"
+            )
+    except AgentpostError as exc:
+        session.fail(op_id, to_error_proto(exc))
+
+
+def _outcome(future: asyncio.Future[None]) -> AgentpostError | None:
+    if future.cancelled():
+        return UnavailableError("the server is stopping")
+    exc = future.exception()
+    if exc is None:
+        return None
+    if isinstance(exc, AgentpostError):
+        return exc
+    log.error("publish failed unexpectedly", exc_info=exc)
+    return InternalError("internal error; see the server log")
+
+
+def _answer_when_sent(
+    session: LocalSession, op_id: str, envelope: envelope_pb2.Envelope, sent: asyncio.Future[None]
+) -> None:
+    def done(future: asyncio.Future[None]) -> None:
+        error = _outcome(future)
+        if error is None:
+            session.answer(op_id, envelope.id, envelope.created_at)
+        else:
+            session.fail(op_id, to_error_proto(error))
+
+    sent.add_done_callback(done)
+
+
+def _answer_request_when_sent(
+    hub: Hub,
+    session: LocalSession,
+    op_id: str,
+    envelope: envelope_pb2.Envelope,
+    sent: asyncio.Future[None],
+) -> None:
+    def done(future: asyncio.Future[None]) -> None:
+        error = _outcome(future)
+        if error is None:
+            session.answer(op_id, envelope.id, envelope.created_at)
+        else:
+            hub.requests.fail(envelope.id, error)
+
+    sent.add_done_callback(done)

@@ -1,0 +1,1 @@
+"""The only server package that imports grpc: a thin servicer over the core."""

@@ -1,0 +1,191 @@
+"""The AgentMessaging servicer: decode, call the hub, encode. No messaging logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from agentpost._status import from_error_proto, to_error_proto
+from agentpost.errors import InvalidArgumentError, ProtocolViolationError
+from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
+from agentpost_server.core import names, operations
+from agentpost_server.core.hub import Hub
+from agentpost_server.core.session import LocalSession
+from agentpost_server.rpc.errors import streaming, unary
+
+log = logging.getLogger(__name__)
+
+IDENTITY_METADATA = "agentpost-agent-id"
+ANONYMOUS = "anonymous"
+INTRODUCTION_TIMEOUT = 10.0
+_PRESENCE = {
+    agents_pb2.PRESENCE_FILTER_UNSPECIFIED: None,
+    agents_pb2.PRESENCE_FILTER_ONLINE: True,
+    agents_pb2.PRESENCE_FILTER_OFFLINE: False,
+}
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def identity(context: Ctx) -> str:
+    """Who a unary caller is: the `agentpost-agent-id` metadata (a credential, once there is
+    authentication), else "anonymous"."""
+    for key, value in context.invocation_metadata() or ():
+        if key == IDENTITY_METADATA:
+            text = value.decode() if isinstance(value, bytes) else value
+            return names.check_agent_id(text, IDENTITY_METADATA)
+    return ANONYMOUS
+
+
+class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    @streaming
+    async def Connect(
+        self, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest], context: Ctx
+    ) -> AsyncIterator[messaging_pb2.ConnectResponse]:
+        session, first = await self._introduce(request_iterator)
+        limits = self._hub.limits
+        welcome = messaging_pb2.ServerEvent(operation_id=first.operation_id)
+        welcome.welcome.session_id = session.id
+        welcome.welcome.server_id = self._hub.server_id
+        welcome.welcome.keepalive_interval.FromNanoseconds(int(limits.keepalive_interval * 1e9))
+        welcome.welcome.max_payload_bytes = limits.max_payload_bytes
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            yield messaging_pb2.ConnectResponse(events=[welcome])
+            while (batch := await session.next_batch()) is not None:
+                yield messaging_pb2.ConnectResponse(events=batch)
+            if session.close_error is not None:
+                final = messaging_pb2.ServerEvent(error=to_error_proto(session.close_error))
+                yield messaging_pb2.ConnectResponse(events=[final])
+        finally:
+            reader.cancel()
+            await asyncio.shield(self._hub.close_session(session))
+
+    async def _introduce(
+        self, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest]
+    ) -> tuple[LocalSession, messaging_pb2.ClientOperation]:
+        try:
+            async with asyncio.timeout(INTRODUCTION_TIMEOUT):
+                frame = await anext(request_iterator)
+        except StopAsyncIteration:
+            raise ProtocolViolationError("the stream ended before the introduction") from None
+        except TimeoutError:
+            raise ProtocolViolationError(
+                f"no introduction within {INTRODUCTION_TIMEOUT:g}s of opening Connect"
+            ) from None
+        ops = frame.operations
+        if len(ops) != 1 or ops[0].WhichOneof("operation") != "introduce":
+            raise ProtocolViolationError(
+                "the first frame of Connect must hold exactly one operation, an `introduce`"
+            )
+        return await self._hub.open_session(ops[0].introduce), ops[0]
+
+    async def _read(
+        self, session: LocalSession, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest]
+    ) -> None:
+        hub = self._hub
+        try:
+            async for frame in request_iterator:
+                session.last_heard = time.monotonic()
+                for op in frame.operations:
+                    await operations.handle(hub, session, op)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer vanished mid-read, or a bug: the session ends
+            if not isinstance(exc, grpc.RpcError):
+                log.exception("reading session %s failed", session.id)
+        finally:
+            session.close()
+
+    @unary
+    async def Send(
+        self, request: messaging_pb2.SendRequest, context: Ctx
+    ) -> messaging_pb2.SendResponse:
+        envelope, sent = await self._hub.send(
+            identity(context), request.to, request.payload, request.headers
+        )
+        await sent
+        return messaging_pb2.SendResponse(message_id=envelope.id, created_at=envelope.created_at)
+
+    @unary
+    async def Publish(
+        self, request: messaging_pb2.PublishRequest, context: Ctx
+    ) -> messaging_pb2.PublishResponse:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgumentError(
+                "publish needs a topic or broadcast", metadata={"field": "target"}
+            )
+        envelope, sent = self._hub.publish(
+            identity(context),
+            request.topic if target == "topic" else None,
+            request.payload,
+            request.headers,
+        )
+        await sent
+        return messaging_pb2.PublishResponse(message_id=envelope.id, created_at=envelope.created_at)
+
+    @unary
+    async def Request(
+        self, request: messaging_pb2.RequestRequest, context: Ctx
+    ) -> messaging_pb2.RequestResponse:
+        timeout: duration_pb2.Duration | float | None = request.timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            asked = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0.0
+            default = self._hub.limits.default_request_timeout
+            timeout = max(0.001, min(asked or default, remaining - 0.05))
+        envelope, sent, reply = await self._hub.request(
+            identity(context), request.to, request.payload, request.headers, timeout
+        )
+        assert reply is not None
+        try:
+            await sent
+            answer = await reply
+        finally:
+            self._hub.requests.cancel(envelope.id)
+        if answer.HasField("error"):
+            raise from_error_proto(answer.error)
+        return messaging_pb2.RequestResponse(reply=answer)
+
+    @unary
+    async def ListAgents(
+        self, request: messaging_pb2.ListAgentsRequest, context: Ctx
+    ) -> messaging_pb2.ListAgentsResponse:
+        if request.capability:
+            names.check_capabilities([request.capability])
+        online = _PRESENCE.get(request.presence)
+        if request.presence not in _PRESENCE:
+            raise InvalidArgumentError("unknown presence filter", metadata={"field": "presence"})
+        agents = await self._hub.list_agents(request.capability, online)
+        return messaging_pb2.ListAgentsResponse(agents=agents)
+
+    @unary
+    async def GetAgent(
+        self, request: messaging_pb2.GetAgentRequest, context: Ctx
+    ) -> messaging_pb2.GetAgentResponse:
+        return messaging_pb2.GetAgentResponse(agent=await self._hub.get_agent(request.agent_id))
+
+    @streaming
+    async def Subscribe(
+        self, request: messaging_pb2.SubscribeRequest, context: Ctx
+    ) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
+        session = self._hub.open_subscriber(identity(context), request.topics, request.broadcasts)
+        try:
+            while (batch := await session.next_batch()) is not None:
+                messages = [event.delivery for event in batch if event.HasField("delivery")]
+                if messages:
+                    yield messaging_pb2.SubscribeResponse(messages=messages)
+            if session.close_error is not None:
+                raise session.close_error
+        finally:
+            await asyncio.shield(self._hub.close_session(session))

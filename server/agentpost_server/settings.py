@@ -1,0 +1,46 @@
+"""Server configuration from AGENTPOST_* environment variables, built once in `app`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTPOST_", frozen=True, extra="ignore")
+
+    listen: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds")
+    redis_url: str | None = Field(
+        None, description="redis://, rediss:// or unix:// URL; unset: start an embedded Valkey"
+    )
+    data_dir: Path = Field(Path(".agentpost"), description="where the embedded Valkey keeps data")
+    key_prefix: str = Field("agentpost", description="prefix of every Redis key and channel")
+    worker: bool = Field(True, description="run the arq worker inside `agentpost serve`")
+    max_payload_bytes: int = Field(1 << 20, gt=0, description="largest payload plus headers")
+    request_timeout: float = Field(30.0, gt=0, description="default request timeout, seconds")
+    max_request_timeout: float = Field(3600.0, gt=0, description="longest request timeout")
+    keepalive_interval: float = Field(5.0, gt=0, description="seconds between keep-alives")
+    max_buffered_events: int = Field(100_000, gt=0, description="per-session send buffer")
+    max_subscriptions: int = Field(1_000, gt=0, description="topic patterns per session")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight calls get on stop")
+    reap_interval: float = Field(5.0, gt=0, description="seconds between dead-server sweeps")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("AGENTPOST_REDIS_URL must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("AGENTPOST_LISTEN must look like host:port, e.g. 127.0.0.1:50051")
+        return value

@@ -1,0 +1,1 @@
+"""Ports' Redis adapters. Redis exceptions never leave this package."""

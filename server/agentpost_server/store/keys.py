@@ -1,0 +1,33 @@
+"""Every Redis key and channel name agentpost uses, in one place. All start with the prefix
+(AGENTPOST_KEY_PREFIX, default "agentpost"), so several deployments can share one Redis."""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.agents = f"{prefix}:agents"  # SET of every known agent id
+        self.servers = f"{prefix}:servers"  # SET of server ids that hold sessions
+        self.topics_channel = f"{prefix}:ch:topics"
+        self.broadcast_channel = f"{prefix}:ch:broadcast"
+        self.presence_channel = f"{prefix}:ch:presence"
+
+    def agent(self, agent_id: str) -> str:
+        """HASH: capabilities, metadata (JSON), first_seen, connected_since, last_seen (unix ms)."""
+        return f"{self.prefix}:agent:{agent_id}"
+
+    def agent_sessions(self, agent_id: str) -> str:
+        """HASH: session id -> server id, for the agent's live sessions."""
+        return f"{self.prefix}:agent:{agent_id}:sessions"
+
+    def server_alive(self, server_id: str) -> str:
+        """STRING with a TTL, refreshed by the server's heartbeat."""
+        return f"{self.prefix}:server:{server_id}"
+
+    def server_sessions(self, server_id: str) -> str:
+        """HASH: session id -> agent id, for the sessions a server holds."""
+        return f"{self.prefix}:server:{server_id}:sessions"
+
+    def server_channel(self, server_id: str) -> str:
+        return f"{self.prefix}:ch:srv:{server_id}"

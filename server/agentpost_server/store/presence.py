@@ -1,0 +1,194 @@
+"""The presence registry in Redis (see `Keys` for the layout). Session changes are Lua scripts so
+that "first session -> online" and "last session -> offline" are decided atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar, cast
+
+from google.protobuf import json_format
+from redis.asyncio import Redis
+
+from agentpost.v1 import agents_pb2
+from agentpost_server.core.ports import AgentRecord, PresenceChange
+from agentpost_server.store.errors import unavailable_on_redis_error
+from agentpost_server.store.keys import Keys
+
+T = TypeVar("T")
+
+# KEYS: agent, agent_sessions, server_sessions, agents, servers
+# ARGV: session_id, server_id, agent_id, capabilities_json, metadata_json, now_ms
+_ADD = """
+local before = redis.call('HLEN', KEYS[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[5], ARGV[2])
+redis.call('HSET', KEYS[1], 'capabilities', ARGV[4], 'metadata', ARGV[5], 'last_seen', ARGV[6])
+redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[6])
+if before == 0 then
+  redis.call('HSET', KEYS[1], 'connected_since', ARGV[6])
+  return 1
+end
+return 0
+"""
+
+# KEYS: agent, agent_sessions, server_sessions; ARGV: session_id, now_ms
+_REMOVE = """
+local removed = redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if removed == 1 then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[2])
+  if redis.call('HLEN', KEYS[2]) == 0 then
+    redis.call('HDEL', KEYS[1], 'connected_since')
+    return 1
+  end
+end
+return 0
+"""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RedisPresence:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._add = redis.register_script(_ADD)
+        self._remove = redis.register_script(_REMOVE)
+
+    async def add_session(self, agent: AgentRecord, session_id: str, server_id: str) -> bool:
+        k = self._keys
+        with unavailable_on_redis_error("registering the session"):
+            result = await self._add(
+                keys=[
+                    k.agent(agent.agent_id),
+                    k.agent_sessions(agent.agent_id),
+                    k.server_sessions(server_id),
+                    k.agents,
+                    k.servers,
+                ],
+                args=[
+                    session_id,
+                    server_id,
+                    agent.agent_id,
+                    json.dumps(list(agent.capabilities)),
+                    json.dumps(dict(agent.metadata)),
+                    _now_ms(),
+                ],
+            )
+        return bool(result)
+
+    async def remove_session(self, agent_id: str, session_id: str, server_id: str) -> bool:
+        k = self._keys
+        with unavailable_on_redis_error("unregistering the session"):
+            result = await self._remove(
+                keys=[k.agent(agent_id), k.agent_sessions(agent_id), k.server_sessions(server_id)],
+                args=[session_id, _now_ms()],
+            )
+        return bool(result)
+
+    async def sessions_of(self, agent_id: str) -> dict[str, str]:
+        with unavailable_on_redis_error("looking up the agent's sessions"):
+            raw = await _wait(self._redis.hgetall(self._keys.agent_sessions(agent_id)))
+        return {_text(s): _text(v) for s, v in raw.items()}
+
+    async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo | None:
+        found = await self._load([agent_id])
+        return found[0] if found else None
+
+    async def list_agents(self, capability: str, online: bool | None) -> list[agents_pb2.AgentInfo]:
+        with unavailable_on_redis_error("listing agents"):
+            ids = sorted(_text(a) for a in await _wait(self._redis.smembers(self._keys.agents)))
+        agents = await self._load(ids)
+        return [
+            a
+            for a in agents
+            if (not capability or capability in a.capabilities)
+            and (online is None or a.online == online)
+        ]
+
+    async def heartbeat(self, server_id: str, agent_ids: Sequence[str], ttl_seconds: float) -> bool:
+        """Refresh this server's liveness and its agents' last-seen. True if the server was not
+        registered (it is new, or it was reaped as dead while it was in fact alive)."""
+        k = self._keys
+        now = _now_ms()
+        with unavailable_on_redis_error("the heartbeat"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(k.server_alive(server_id), now, px=int(ttl_seconds * 1000))
+                pipe.sadd(k.servers, server_id)
+                for agent_id in agent_ids:
+                    pipe.hset(k.agent(agent_id), "last_seen", str(now))
+                results = await pipe.execute()
+        return bool(results[1])
+
+    async def reap_dead_servers(self) -> list[tuple[PresenceChange, bool]]:
+        """Remove the sessions of servers whose heartbeat expired. Returns each removed session
+        and whether its agent went offline with it."""
+        k = self._keys
+        removed: list[tuple[PresenceChange, bool]] = []
+        with unavailable_on_redis_error("reaping dead servers"):
+            for raw_server in await _wait(self._redis.smembers(k.servers)):
+                server_id = _text(raw_server)
+                if await self._redis.exists(k.server_alive(server_id)):
+                    continue
+                sessions = await _wait(self._redis.hgetall(k.server_sessions(server_id)))
+                for raw_session, raw_agent in sessions.items():
+                    session_id, agent_id = _text(raw_session), _text(raw_agent)
+                    offline = await self.remove_session(agent_id, session_id, server_id)
+                    removed.append(
+                        (PresenceChange(agent_id, session_id, server_id, False), offline)
+                    )
+                await self._redis.delete(k.server_sessions(server_id))
+                await _wait(self._redis.srem(k.servers, server_id))
+        return removed
+
+    async def ping(self) -> None:
+        with unavailable_on_redis_error("ping"):
+            await self._redis.ping()
+
+    async def _load(self, agent_ids: Sequence[str]) -> list[agents_pb2.AgentInfo]:
+        if not agent_ids:
+            return []
+        k = self._keys
+        with unavailable_on_redis_error("reading agents"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    pipe.hgetall(k.agent(agent_id))
+                    pipe.hlen(k.agent_sessions(agent_id))
+                results = await pipe.execute()
+        agents = []
+        for index, agent_id in enumerate(agent_ids):
+            fields, sessions = results[2 * index], results[2 * index + 1]
+            if fields:
+                agents.append(_agent_info(agent_id, fields, int(sessions)))
+        return agents
+
+
+def _agent_info(agent_id: str, raw: dict[Any, Any], sessions: int) -> agents_pb2.AgentInfo:
+    fields = {_text(key): _text(value) for key, value in raw.items()}
+    info = agents_pb2.AgentInfo(agent_id=agent_id, online=sessions > 0, sessions=sessions)
+    capabilities = json.loads(fields.get("capabilities") or "[]")
+    if isinstance(capabilities, list):
+        info.capabilities.extend(str(c) for c in capabilities)
+    metadata = json.loads(fields.get("metadata") or "{}")
+    if isinstance(metadata, dict):
+        json_format.ParseDict(metadata, info.metadata)
+    for name in ("connected_since", "last_seen", "first_seen"):
+        value = fields.get(name)
+        if value and value.isdigit() and (name != "connected_since" or sessions > 0):
+            getattr(info, name).FromMilliseconds(int(value))
+    return info
+
+
+async def _wait(result: Awaitable[T] | T) -> T:
+    """redis-py types commands as `Awaitable[T] | T` (sync and async share the stubs)."""
+    return await cast(Awaitable[T], result)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
