@@ -19,11 +19,12 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
 from agentpost.errors import AgentpostError
-from agentpost.v1 import messaging_pb2, messaging_pb2_grpc
+from agentpost.v1 import messaging_pb2
 from agentpost_server.core.hub import Hub
 from agentpost_server.core.ids import new_server_id
 from agentpost_server.core.limits import Limits
 from agentpost_server.logs import configure_logging
+from agentpost_server.rpc.handlers import add_to_server
 from agentpost_server.rpc.servicer import AgentMessagingServicer
 from agentpost_server.settings import Settings
 from agentpost_server.store.bus import RedisBus
@@ -71,7 +72,7 @@ class App:
         await hub.heartbeat()
 
         self._server = server = grpc.aio.server(options=_grpc_options(s))
-        messaging_pb2_grpc.add_AgentMessagingServicer_to_server(AgentMessagingServicer(hub), server)
+        add_to_server(AgentMessagingServicer(hub), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from agentpost._status import to_status
 from agentpost.errors import AgentpostError, InternalError
+from agentpost_server.rpc.handlers import decode
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +36,51 @@ def _as_agentpost_error(name: str, exc: Exception) -> AgentpostError:
     return InternalError("internal error; the server log has the details")
 
 
-def unary(
-    method: Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
-) -> Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
-    @functools.wraps(method)
-    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort(context, _as_agentpost_error(method.__name__, exc))
+Ctx = grpc.aio.ServicerContext[Any, Any]
+UnaryMethod = Callable[[S, Req, Ctx], Awaitable[Resp]]
+StreamMethod = Callable[[S, Req, Ctx], AsyncIterator[Resp]]
 
-    return wrapper
+
+def unary(
+    request_type: type[Message] | None,
+) -> Callable[[UnaryMethod[S, Req, Resp]], Callable[[S, Any, Ctx], Awaitable[Resp]]]:
+    """Decode the raw request (unless None) and map every exception to a status."""
+
+    def decorate(method: UnaryMethod[S, Req, Resp]) -> Callable[[S, Any, Ctx], Awaitable[Resp]]:
+        @functools.wraps(method)
+        async def wrapper(self: S, raw: Any, context: Ctx) -> Resp:
+            try:
+                request = decode(request_type, raw) if request_type is not None else raw
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, _as_agentpost_error(method.__name__, exc))
+
+        return wrapper
+
+    return decorate
 
 
 def streaming(
-    method: Callable[[S, Req, grpc.aio.ServicerContext[Any, Resp]], AsyncIterator[Resp]],
-) -> Callable[[S, Req, grpc.aio.ServicerContext[Any, Resp]], AsyncIterator[Resp]]:
-    @functools.wraps(method)
-    async def wrapper(
-        self: S, request: Req, context: grpc.aio.ServicerContext[Any, Resp]
-    ) -> AsyncIterator[Resp]:
-        try:
-            async for response in method(self, request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort(context, _as_agentpost_error(method.__name__, exc))
+    request_type: type[Message] | None,
+) -> Callable[[StreamMethod[S, Req, Resp]], Callable[[S, Any, Ctx], AsyncIterator[Resp]]]:
+    """The same for methods that stream their responses."""
 
-    return wrapper
+    def decorate(
+        method: StreamMethod[S, Req, Resp],
+    ) -> Callable[[S, Any, Ctx], AsyncIterator[Resp]]:
+        @functools.wraps(method)
+        async def wrapper(self: S, raw: Any, context: Ctx) -> AsyncIterator[Resp]:
+            try:
+                request = decode(request_type, raw) if request_type is not None else raw
+                async for response in method(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, _as_agentpost_error(method.__name__, exc))
+
+        return wrapper
+
+    return decorate

@@ -10,10 +10,11 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 
 from agentpost._status import from_error_proto, to_error_proto
-from agentpost.errors import InvalidArgumentError, ProtocolViolationError
-from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
+from agentpost.errors import AgentpostError, InvalidArgumentError, ProtocolViolationError
+from agentpost.v1 import agents_pb2, messaging_pb2
 from agentpost_server.core import names, operations
 from agentpost_server.core.hub import Hub
 from agentpost_server.core.session import LocalSession
@@ -43,14 +44,25 @@ def identity(context: Ctx) -> str:
     return ANONYMOUS
 
 
-class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
+async def _frames(raw_frames: AsyncIterator[bytes]) -> AsyncIterator[messaging_pb2.ConnectRequest]:
+    async for raw in raw_frames:
+        try:
+            yield messaging_pb2.ConnectRequest.FromString(raw)
+        except DecodeError:
+            raise ProtocolViolationError(
+                "a Connect frame is not a valid agentpost.v1.ConnectRequest message"
+            ) from None
+
+
+class AgentMessagingServicer:
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
 
-    @streaming
+    @streaming(None)
     async def Connect(
-        self, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest], context: Ctx
+        self, raw_frames: AsyncIterator[bytes], context: Ctx
     ) -> AsyncIterator[messaging_pb2.ConnectResponse]:
+        request_iterator = _frames(raw_frames)
         session, first = await self._introduce(request_iterator)
         limits = self._hub.limits
         welcome = messaging_pb2.ServerEvent(operation_id=first.operation_id)
@@ -100,13 +112,15 @@ class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
                     await operations.handle(hub, session, op)
         except asyncio.CancelledError:
             raise
+        except AgentpostError as exc:  # a malformed frame
+            session.close(exc)
         except Exception as exc:  # the peer vanished mid-read, or a bug: the session ends
             if not isinstance(exc, grpc.RpcError):
                 log.exception("reading session %s failed", session.id)
         finally:
             session.close()
 
-    @unary
+    @unary(messaging_pb2.SendRequest)
     async def Send(
         self, request: messaging_pb2.SendRequest, context: Ctx
     ) -> messaging_pb2.SendResponse:
@@ -116,7 +130,7 @@ class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
         await sent
         return messaging_pb2.SendResponse(message_id=envelope.id, created_at=envelope.created_at)
 
-    @unary
+    @unary(messaging_pb2.PublishRequest)
     async def Publish(
         self, request: messaging_pb2.PublishRequest, context: Ctx
     ) -> messaging_pb2.PublishResponse:
@@ -134,7 +148,7 @@ class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
         await sent
         return messaging_pb2.PublishResponse(message_id=envelope.id, created_at=envelope.created_at)
 
-    @unary
+    @unary(messaging_pb2.RequestRequest)
     async def Request(
         self, request: messaging_pb2.RequestRequest, context: Ctx
     ) -> messaging_pb2.RequestResponse:
@@ -157,7 +171,7 @@ class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
             raise from_error_proto(answer.error)
         return messaging_pb2.RequestResponse(reply=answer)
 
-    @unary
+    @unary(messaging_pb2.ListAgentsRequest)
     async def ListAgents(
         self, request: messaging_pb2.ListAgentsRequest, context: Ctx
     ) -> messaging_pb2.ListAgentsResponse:
@@ -169,13 +183,13 @@ class AgentMessagingServicer(messaging_pb2_grpc.AgentMessagingServicer):
         agents = await self._hub.list_agents(request.capability, online)
         return messaging_pb2.ListAgentsResponse(agents=agents)
 
-    @unary
+    @unary(messaging_pb2.GetAgentRequest)
     async def GetAgent(
         self, request: messaging_pb2.GetAgentRequest, context: Ctx
     ) -> messaging_pb2.GetAgentResponse:
         return messaging_pb2.GetAgentResponse(agent=await self._hub.get_agent(request.agent_id))
 
-    @streaming
+    @streaming(messaging_pb2.SubscribeRequest)
     async def Subscribe(
         self, request: messaging_pb2.SubscribeRequest, context: Ctx
     ) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
