@@ -101,6 +101,8 @@ class App:
             await self.hub.shutdown("the server is shutting down; reconnect to another one")
         if self._server is not None:
             await self._server.stop(grace)
+        if self.hub is not None:
+            await self.hub.wait_closed()
         if self._bus is not None:
             await self._bus.close()
         if self._redis is not None:

@@ -61,6 +61,7 @@ class Hub:
         self.requests = PendingRequests()
         self.accepting = True
         self._heartbeats = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ---- sessions -------------------------------------------------------------------------
 
@@ -104,6 +105,18 @@ class Hub:
         session = self._new_session(identity, registered=False, broadcasts=broadcasts)
         self.subscribe(session, checked)
         return session
+
+    def close_session_soon(self, session: LocalSession) -> asyncio.Task[None]:
+        """`close_session` in a task that survives the caller's cancellation (stream teardown);
+        `wait_closed` waits for every such task."""
+        task = asyncio.create_task(self.close_session(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
+
+    async def wait_closed(self) -> None:
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def close_session(
         self, session: LocalSession, error: AgentpostError | None = None

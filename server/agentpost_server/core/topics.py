@@ -8,8 +8,14 @@ from typing import Generic, TypeVar
 K = TypeVar("K")
 
 
+SYSTEM_TOKEN = "_agentpost"
+
+
 def pattern_matches(pattern: list[str], tokens: list[str]) -> bool:
-    """NATS-style: `*` matches exactly one token, a final `>` one or more."""
+    """NATS-style: `*` matches exactly one token, a final `>` one or more. System topics
+    (`_agentpost.…`) match only patterns that name that first token: `>` alone does not."""
+    if tokens[0] == SYSTEM_TOKEN and pattern[0] != SYSTEM_TOKEN:
+        return False
     for index, part in enumerate(pattern):
         if part == ">":
             return len(tokens) > index

@@ -80,7 +80,7 @@ class AgentMessagingServicer:
                 yield messaging_pb2.ConnectResponse(events=[final])
         finally:
             reader.cancel()
-            await asyncio.shield(self._hub.close_session(session))
+            await asyncio.shield(self._hub.close_session_soon(session))
 
     async def _introduce(
         self, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest]
@@ -202,4 +202,4 @@ class AgentMessagingServicer:
             if session.close_error is not None:
                 raise session.close_error
         finally:
-            await asyncio.shield(self._hub.close_session(session))
+            await asyncio.shield(self._hub.close_session_soon(session))

@@ -78,6 +78,12 @@ class RedisBus:
             await self._subscribed.wait()
 
     async def close(self) -> None:
+        """Send what is queued (briefly), then stop."""
+        pending = self._batch_future
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(pending)
         self._closing = True
         self._wake.set()
         for task in self._tasks:
