@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +101,23 @@ def spawn_server(
             cwd=ROOT,
         )
     return ServerProcess(process, target, log_path)
+
+
+@contextlib.asynccontextmanager
+async def agent_process(target: str, agent_id: str) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A real agent in its own process (tests/integration/agent_process.py), connected."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.agent_process", target, agent_id],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.to_thread(process.stdout.readline)
+        assert line.strip() == b"ready", f"agent process did not start: {line!r}"
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -158,13 +158,9 @@ class App:
                 log.warning("upkeep: %s", exc)
 
     async def _run_worker(self) -> None:
-        from agentpost_server.jobs.worker import build_worker
+        from agentpost_server.jobs.worker import build_worker, run_worker
 
-        worker = build_worker(self.settings, self.redis_url, handle_signals=False)
-        try:
-            await worker.main()
-        finally:
-            await worker.close()
+        await run_worker(build_worker(self.settings, self.redis_url, handle_signals=False))
 
 
 def _limits(s: Settings) -> Limits:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from typing import Any
 
 from arq import cron
@@ -73,3 +74,14 @@ def build_worker(settings: Settings, redis_url: str, *, handle_signals: bool) ->
         poll_delay=0.5,
         health_check_key=f"{settings.key_prefix}:jobs:health",
     )
+
+
+async def run_worker(worker: Worker) -> None:
+    """Run an in-process worker until cancelled, then close it (and its Redis pool)."""
+    try:
+        await worker.main()
+    finally:
+        # arq 0.28 closes its pool with redis-py's deprecated close(); the pool is still closed.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            await worker.close()
