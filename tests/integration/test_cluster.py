@@ -18,6 +18,7 @@ async def test_agents_on_two_server_processes_exchange_every_kind_of_traffic(spa
         agentpost.connect(one.target, agent_id="alice", subscriptions=["jobs.*"]) as alice,
         agentpost.connect(two.target, agent_id="bob", subscriptions=["jobs.>"]) as bob,
     ):
+
         @bob.on_request
         async def answer(message: agentpost.Message) -> str:
             return f"bob heard {message.payload}"
@@ -55,13 +56,15 @@ async def test_agents_on_two_server_processes_exchange_every_kind_of_traffic(spa
         # presence is shared
         async with agentpost.Client(one.target) as client:
             assert [a.agent_id for a in await client.list_agents(presence="online")] == [
-                "alice", "bob"
+                "alice",
+                "bob",
             ]
 
 
 async def test_unary_calls_on_one_process_reach_an_agent_on_another(spawn):
     one, two = await spawn(), await spawn()
     async with agentpost.connect(two.target, agent_id="worker") as worker:
+
         @worker.on_request
         async def work(message: agentpost.Message) -> dict[str, object]:
             return {"done": message.payload}

@@ -57,7 +57,9 @@ async def test_send_to_an_agent_that_is_not_connected_fails_at_once(make_agent):
 async def test_each_direct_message_reaches_exactly_one_replica(make_agent, inbox):
     replicas = [inbox(await make_agent("worker")) for _ in range(3)]
     senders = [await make_agent(f"sender-{i}") for i in range(12)]
-    await asyncio.gather(*(s.send("worker", f"{s.agent_id}:{n}") for s in senders for n in range(20)))
+    await asyncio.gather(
+        *(s.send("worker", f"{s.agent_id}:{n}") for s in senders for n in range(20))
+    )
     total = lambda: sum(len(r.messages) for r in replicas)  # noqa: E731
     await assert_eventually(lambda: total() == 240, timeout=10)
     seen = Counter(m.payload for r in replicas for m in r.messages)

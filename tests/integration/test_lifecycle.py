@@ -22,6 +22,7 @@ async def test_sigterm_lets_calls_finish_tells_sessions_and_exits_zero(spawn):
         agentpost.connect(back.target, agent_id="slow") as slow,
         agentpost.connect(edge.target, agent_id="watcher") as watcher,
     ):
+
         @slow.on_request
         async def take_time(message: agentpost.Message) -> str:
             answering.set()

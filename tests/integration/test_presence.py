@@ -21,9 +21,7 @@ async def test_list_and_get_agents_with_filters(target, make_agent):
         assert [a.agent_id for a in everyone] == ["coder-1", "coder-2", "reviewer"]
         coders = await client.list_agents(capability="code")
         assert [a.agent_id for a in coders] == ["coder-1", "coder-2"]
-        await assert_eventually(
-            lambda: _ids(client.list_agents(presence="offline"), ["reviewer"])
-        )
+        await assert_eventually(lambda: _ids(client.list_agents(presence="offline"), ["reviewer"]))
         online = await client.list_agents(presence="online")
         assert [a.agent_id for a in online] == ["coder-1", "coder-2"]
         info = await client.get_agent("coder-1")

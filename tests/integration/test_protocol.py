@@ -34,8 +34,9 @@ def intro(agent_id: str) -> messaging_pb2.ConnectRequest:
     return messaging_pb2.ConnectRequest(operations=[op])
 
 
-async def frames(*items: messaging_pb2.ConnectRequest, hold: asyncio.Event | None = None
-                 ) -> AsyncIterator[messaging_pb2.ConnectRequest]:
+async def frames(
+    *items: messaging_pb2.ConnectRequest, hold: asyncio.Event | None = None
+) -> AsyncIterator[messaging_pb2.ConnectRequest]:
     for item in items:
         yield item
     if hold is not None:
@@ -119,12 +120,16 @@ async def test_payload_over_the_limit_is_resource_exhausted(start_server) -> Non
     app = await start_server(max_payload_bytes=1000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = messaging_pb2_grpc.AgentMessagingStub(channel)
-        request = messaging_pb2.PublishRequest(topic="big", payload=envelope_pb2.Payload(data=b"x" * 2000))
+        request = messaging_pb2.PublishRequest(
+            topic="big", payload=envelope_pb2.Payload(data=b"x" * 2000)
+        )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Publish(request)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert reason_of(caught.value) == "PAYLOAD_TOO_LARGE"
-        ok = messaging_pb2.PublishRequest(topic="big", payload=envelope_pb2.Payload(data=b"x" * 500))
+        ok = messaging_pb2.PublishRequest(
+            topic="big", payload=envelope_pb2.Payload(data=b"x" * 500)
+        )
         assert (await stub.Publish(ok)).message_id
 
 

@@ -55,9 +55,11 @@ async def test_unary_subscribe_receives_topics_and_broadcasts(target, make_agent
 
         task = asyncio.create_task(watch())
         pub = await make_agent("pub")
+
         async def subscribed() -> bool:
             await pub.publish("alerts.cpu", "probe")
             return bool(received)
+
         await assert_eventually(subscribed)
         await pub.broadcast("all hands")
         await assert_eventually(lambda: any(m.broadcast for m in received))

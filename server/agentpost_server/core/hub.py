@@ -439,7 +439,12 @@ class Hub:
     def _system_event(self, event: tuple[str, struct_pb2.Value]) -> None:
         envelope = events.system_envelope(self._ids.new(), *event)
         future = self._bus.publish(Lane.TOPICS, bus_pb2.Routed(envelope=envelope))
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(self._log_failure)
+
+    def _log_failure(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            level = logging.WARNING if self.accepting else logging.DEBUG  # quiet while stopping
+            log.log(level, "could not publish a system event: %s", future.exception())
 
     def _envelope(
         self,
@@ -536,8 +541,3 @@ class Hub:
     def _check_accepting(self) -> None:
         if not self.accepting:
             raise ServerShuttingDownError("the server is shutting down; connect to another one")
-
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("could not publish a system event: %s", future.exception())
