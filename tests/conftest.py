@@ -32,8 +32,19 @@ def redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="agentpost-redis-")
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -101,9 +112,7 @@ SpawnServer = Callable[..., Awaitable[ServerProcess]]
 
 
 @pytest.fixture
-async def spawn(
-    redis_url: str, key_prefix: str, tmp_path: Path
-) -> AsyncIterator[SpawnServer]:
+async def spawn(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[SpawnServer]:
     """Factory for real server processes sharing this test's Redis and key prefix."""
     processes: list[ServerProcess] = []
 

@@ -60,7 +60,7 @@ async def test_each_direct_message_reaches_exactly_one_replica(make_agent, inbox
     await asyncio.gather(
         *(s.send("worker", f"{s.agent_id}:{n}") for s in senders for n in range(20))
     )
-    total = lambda: sum(len(r.messages) for r in replicas)  # noqa: E731
+    total = lambda: sum(len(r.messages) for r in replicas)
     await assert_eventually(lambda: total() == 240, timeout=10)
     seen = Counter(m.payload for r in replicas for m in r.messages)
     assert len(seen) == 240 and set(seen.values()) == {1}

@@ -79,6 +79,6 @@ async def test_request_from_grpcurl_is_answered_by_a_python_agent(target, make_a
 
 async def test_grpcurl_sees_the_error_reason(target):
     body = json.dumps({"to": "nobody", "payload": {"json": 1}})
-    code, out, err = await grpcurl("-d", body, target, "agentpost.v1.AgentMessaging/Request")
+    code, _out, err = await grpcurl("-d", body, target, "agentpost.v1.AgentMessaging/Request")
     assert code != 0
     assert "NotFound" in err and "NO_RESPONDER" in err
