@@ -1,0 +1,31 @@
+"""The README's promises: its Python quickstart runs as shown, against a real server."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import re
+import sys
+
+from tests.helpers import ROOT
+
+
+async def test_quickstart_runs_and_prints_the_reply(target: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quickstart.*?```python\n(.*?)```", readme, re.S)
+    assert code is not None, "README has no Python quickstart"
+    script = code.group(1).replace("127.0.0.1:50051", target)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert ast.literal_eval(lines[0]) == {"verdict": "ship it", "files": ["a.py"]}
+    assert lines[1] == "planner {'note': 'plan is ready'}"
