@@ -1,1 +1,68 @@
-"""placeholder"""
+"""agentpost: a gRPC message bus for AI agents.
+
+    import agentpost
+
+    async with agentpost.connect("127.0.0.1:50051", agent_id="planner") as agent:
+        await agent.send("coder", {"task": "x"})
+        reply = await agent.request("coder", {"q": 1}, timeout=5.0)
+
+`connect()` opens an agent's session (`Agent`); `Client` makes unary calls without one. Every
+error is an `AgentpostError` (see `agentpost.errors` for the tree).
+"""
+
+from agentpost.agent import Agent, AgentConnector, RequestHandler, connect
+from agentpost.client import Client, Presence
+from agentpost.config import ConnectOptions
+from agentpost.errors import (
+    AgentNotFoundError,
+    AgentOfflineError,
+    AgentpostError,
+    ConnectionLostError,
+    HandlerError,
+    InternalError,
+    InvalidAgentIdError,
+    InvalidArgumentError,
+    InvalidTopicError,
+    NoResponderError,
+    PayloadTooLargeError,
+    ProtocolViolationError,
+    RequestTimeoutError,
+    ServerShuttingDownError,
+    SlowConsumerError,
+    UnavailableError,
+    UnknownRequestError,
+)
+from agentpost.message import AgentInfo, Message, MessageKind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AgentConnector",
+    "AgentInfo",
+    "AgentNotFoundError",
+    "AgentOfflineError",
+    "AgentpostError",
+    "Client",
+    "ConnectOptions",
+    "ConnectionLostError",
+    "HandlerError",
+    "InternalError",
+    "InvalidAgentIdError",
+    "InvalidArgumentError",
+    "InvalidTopicError",
+    "Message",
+    "MessageKind",
+    "NoResponderError",
+    "PayloadTooLargeError",
+    "Presence",
+    "ProtocolViolationError",
+    "RequestHandler",
+    "RequestTimeoutError",
+    "ServerShuttingDownError",
+    "SlowConsumerError",
+    "UnavailableError",
+    "UnknownRequestError",
+    "__version__",
+    "connect",
+]

@@ -13,13 +13,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 
 from agentpost import errors
 from agentpost.v1 import errors_pb2
 
 if TYPE_CHECKING:
     import grpc
+
+# (googleapis-common-protos ships .pyi files but no py.typed marker, so mypy skips google.rpc.)
 
 DOMAIN = "agentpost"
 _PREFIX = "ERROR_REASON_"

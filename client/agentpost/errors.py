@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 
 class AgentpostError(Exception):
-    """Root of every agentpost error. `metadata` carries machine-readable facts (field, limit...)."""
+    """Root of every agentpost error; `metadata` carries machine-readable facts (field, limit)."""
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)

@@ -1,0 +1,285 @@
+"""The public face of a session: `connect()` and `Agent`.
+
+async with agentpost.connect("127.0.0.1:50051", agent_id="planner") as agent:
+    await agent.send("coder", {"task": "x"})
+    reply = await agent.request("coder", {"q": 1}, timeout=5.0)
+    async for message in agent.messages():
+        ...
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from agentpost import _status
+from agentpost.config import ConnectOptions
+from agentpost.errors import InvalidArgumentError
+from agentpost.message import Message
+from agentpost.payload import fill_payload, fill_struct
+from agentpost.session import RequestHandler, Session
+from agentpost.v1 import messaging_pb2
+
+__all__ = ["Agent", "AgentConnector", "RequestHandler", "connect"]
+
+H = TypeVar("H", bound=RequestHandler)
+
+
+def connect(
+    target: str,
+    *,
+    agent_id: str,
+    capabilities: Sequence[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+    subscriptions: Sequence[str] = (),
+    options: ConnectOptions | None = None,
+) -> AgentConnector:
+    """Open a session as `agent_id` on the server at `target` ("host:port").
+
+    Use it as `async with connect(...) as agent:` (the agent is closed at the end), or
+    `agent = await connect(...)` and `await agent.close()` yourself. Raises the server's error
+    (e.g. `InvalidAgentIdError`) or, when no session is established within
+    `options.connect_timeout`, `ConnectionLostError`.
+    """
+    if isinstance(capabilities, str) or isinstance(subscriptions, str):
+        raise InvalidArgumentError("capabilities and subscriptions are sequences of strings")
+    introduce = messaging_pb2.Introduce(
+        agent_id=agent_id, capabilities=list(capabilities), subscriptions=list(subscriptions)
+    )
+    if metadata:
+        fill_struct(introduce.metadata, metadata)
+    return AgentConnector(target, introduce, options or ConnectOptions())
+
+
+class AgentConnector:
+    """What `connect()` returns: an async context manager (and an awaitable) giving an `Agent`."""
+
+    def __init__(
+        self, target: str, introduce: messaging_pb2.Introduce, options: ConnectOptions
+    ) -> None:
+        self._target = target
+        self._introduce = introduce
+        self._options = options
+        self._agent: Agent | None = None
+
+    async def _open(self) -> Agent:
+        session = Session(self._target, self._introduce, self._options)
+        try:
+            await session.open()
+        except BaseException:
+            await session.close()
+            raise
+        return Agent(session, self._introduce.agent_id)
+
+    def __await__(self) -> Generator[Any, None, Agent]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Agent:
+        self._agent = await self._open()
+        return self._agent
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            await agent.close()
+
+
+class Agent:
+    """A connected agent. Get one from `connect()`; every method raises `AgentpostError`s only."""
+
+    def __init__(self, session: Session, agent_id: str) -> None:
+        self._session = session
+        self._agent_id = agent_id
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def agent_id(self) -> str:
+        return self._agent_id
+
+    @property
+    def session_id(self) -> str:
+        """The id of the current stream (it changes when the session reconnects)."""
+        return self._session.welcome.session_id
+
+    @property
+    def server_id(self) -> str:
+        return self._session.welcome.server_id
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload the server accepts (0: not announced)."""
+        return self._session.welcome.max_payload_bytes
+
+    @property
+    def keepalive_interval(self) -> datetime.timedelta:
+        return self._session.welcome.keepalive_interval.ToTimedelta()
+
+    @property
+    def subscriptions(self) -> frozenset[str]:
+        """The topic patterns this agent receives (restored after a reconnection)."""
+        return frozenset(self._session.subscriptions)
+
+    # ----------------------------------------------------------------- sending
+
+    async def send(
+        self,
+        to: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Send a direct message to agent `to`; the message id.
+
+        Raises `AgentOfflineError` if `to` has no connected session (nothing was sent).
+        """
+        operation = messaging_pb2.ClientOperation()
+        send = operation.send
+        send.to = to
+        fill_payload(send.payload, payload, content_type=content_type)
+        if headers:
+            send.headers.update(headers)
+        return (await self._session.call(operation)).message_id
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        include_self: bool = False,
+        content_type: str | None = None,
+    ) -> str:
+        """Publish on `topic` (no wildcards) to every subscriber; the message id."""
+        operation = messaging_pb2.ClientOperation()
+        publish = operation.publish
+        publish.topic = topic
+        return await self._publish(operation, payload, headers, include_self, content_type)
+
+    async def broadcast(
+        self,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        include_self: bool = False,
+        content_type: str | None = None,
+    ) -> str:
+        """Send to every connected agent; the message id."""
+        operation = messaging_pb2.ClientOperation()
+        operation.publish.broadcast.SetInParent()
+        return await self._publish(operation, payload, headers, include_self, content_type)
+
+    async def _publish(
+        self,
+        operation: messaging_pb2.ClientOperation,
+        payload: Any,
+        headers: Mapping[str, str] | None,
+        include_self: bool,
+        content_type: str | None,
+    ) -> str:
+        publish = operation.publish
+        fill_payload(publish.payload, payload, content_type=content_type)
+        if headers:
+            publish.headers.update(headers)
+        publish.include_self = include_self
+        return (await self._session.call(operation)).message_id
+
+    async def request(
+        self,
+        to: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the request's own deadline, sent along)
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> Message:
+        """Ask agent `to` and wait for its reply (`reply.payload` is the answer).
+
+        `timeout` defaults to `ConnectOptions.request_timeout`. Raises `NoResponderError`,
+        `RequestTimeoutError`, or `HandlerError` (message "TypeName: text") when the responder's
+        handler failed.
+        """
+        if timeout is None:
+            timeout = self._session.options.request_timeout
+        if timeout <= 0:
+            raise InvalidArgumentError("timeout must be positive", metadata={"field": "timeout"})
+        operation = messaging_pb2.ClientOperation()
+        request = operation.request
+        request.to = to
+        fill_payload(request.payload, payload, content_type=content_type)
+        if headers:
+            request.headers.update(headers)
+        request.timeout.FromNanoseconds(int(timeout * 1e9))
+        envelope = await self._session.request(operation, timeout)
+        if envelope.HasField("error"):
+            raise _status.from_error_proto(envelope.error)
+        return Message.from_envelope(envelope)
+
+    # ----------------------------------------------------------------- topics
+
+    async def subscribe(self, *patterns: str) -> None:
+        """Receive topics matching these patterns (`*` one token, `>` the rest)."""
+        if patterns:
+            await self._session.subscribe(patterns)
+
+    async def unsubscribe(self, *patterns: str) -> None:
+        """Stop receiving these patterns (exactly as subscribed)."""
+        if patterns:
+            await self._session.unsubscribe(patterns)
+
+    # ----------------------------------------------------------------- receiving
+
+    def on_request(self, handler: H) -> H:
+        """Decorator: answer every request with `handler` (see `handle_requests`)."""
+        self.handle_requests(handler)
+        return handler
+
+    def handle_requests(self, handler: RequestHandler | None) -> None:
+        """Answer requests with `async def handler(message) -> payload` (`None` to stop).
+
+        The return value becomes the reply's payload; an exception becomes a `HandlerError` at
+        the requester. Handlers run concurrently, up to `ConnectOptions.max_concurrent_handlers`.
+        Without a handler, requests arrive through `messages()` and are answered with
+        `message.reply(...)`.
+        """
+        self._session.handler = handler
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every delivery: direct, topic, broadcast, events (and requests, without a handler).
+
+        Ends when the agent is closed; raises if the session is lost for good.
+        """
+        next_message = self._session.next_message
+        while True:
+            message = await next_message()
+            if message is None:
+                return
+            yield message
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def close(self) -> None:
+        """End the session (idempotent); pending operations fail with `ConnectionLostError`."""
+        await self._session.close()
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<Agent {self._agent_id!r} at {self._session.target}>"

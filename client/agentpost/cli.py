@@ -1,0 +1,376 @@
+"""`agentpost`: run the server, and talk to it from a shell.
+
+    agentpost serve                                   # gRPC server + worker (embedded Redis)
+    agentpost send coder '{"task": "x"}'              # prints the message id
+    agentpost --as me request coder '{"q": 1}'        # prints the reply payload
+    agentpost --as me listen --count 1                # one line per message
+    agentpost agents --online                         # a table (or --json)
+
+Errors are one line on stderr and exit status 1 (2 for usage errors, 130 on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from agentpost.agent import connect
+from agentpost.client import Client, Presence
+from agentpost.errors import AgentpostError
+from agentpost.message import AgentInfo, Message
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+_NOT_INSTALLED = "the server is not installed: pip install 'agentpost[server]'"
+
+Command = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    command: Command = args.command
+    if command not in (_serve, _worker):  # the server configures its own logging
+        logging.basicConfig(level=logging.WARNING, format="agentpost: %(levelname)s: %(message)s")
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+    except AgentpostError as exc:
+        return _fail(exc.message)
+    except BrokenPipeError:  # `agentpost listen | head`
+        sys.stderr.close()
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentpost", description="A gRPC message bus for AI agents."
+    )
+    _add_globals(parser, suppress=False)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name: str, run: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_globals(sub, suppress=True)
+        sub.set_defaults(command=run)
+        return sub
+
+    serve = command("serve", _serve, "Run the server (gRPC + worker) until SIGTERM or Ctrl-C.")
+    serve.add_argument("--listen", metavar="ADDR", help="address to listen on (host:port)")
+    serve.add_argument("--redis-url", metavar="URL", help="Redis URL (default: embedded)")
+    serve.add_argument("--no-worker", action="store_true", help="do not run the arq worker")
+
+    worker = command("worker", _worker, "Run only the background worker (needs a Redis URL).")
+    worker.add_argument("--redis-url", metavar="URL", help="Redis URL")
+
+    send = command("send", _send, "Send a direct message; prints its id.")
+    send.add_argument("to", metavar="TO", help="the recipient agent id")
+    _add_payload(send)
+
+    publish = command("publish", _publish, "Publish on a topic, or to everyone; prints the id.")
+    publish.add_argument(
+        "args", nargs="+", metavar="ARG", help="TOPIC PAYLOAD, or PAYLOAD with --broadcast"
+    )
+    publish.add_argument(
+        "--broadcast", action="store_true", help="send to every connected agent (no TOPIC)"
+    )
+    _add_payload(publish, positional=False)
+
+    request = command("request", _request, "Send a request and print the reply's payload.")
+    request.add_argument("to", metavar="TO", help="the agent that should answer")
+    _add_payload(request)
+    request.add_argument("--timeout", type=_positive, default=30.0, metavar="S", help="seconds")
+
+    listen = command("listen", _listen, "Print messages as they arrive, one per line.")
+    listen.add_argument(
+        "--topic", action="append", default=[], metavar="PATTERN", help="topic pattern (repeat)"
+    )
+    listen.add_argument(
+        "--broadcasts", action="store_true", help="receive broadcasts too (without --as)"
+    )
+    listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+
+    agents = command("agents", _agents, "List the known agents.")
+    agents.add_argument("--capability", metavar="C", help="only agents with this capability")
+    presence = agents.add_mutually_exclusive_group()
+    presence.add_argument("--online", action="store_true", help="only connected agents")
+    presence.add_argument("--offline", action="store_true", help="only disconnected agents")
+    return parser
+
+
+def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # Accepted before and after the command; a subcommand only overrides what it was given.
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--server",
+        metavar="ADDR",
+        default=default(os.environ.get("AGENTPOST_SERVER") or DEFAULT_SERVER),
+        help=f"server address (default: $AGENTPOST_SERVER or {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    parser.add_argument(
+        "--as",
+        dest="agent_id",
+        metavar="AGENT_ID",
+        default=default(None),
+        help="act as this agent (default: anonymous)",
+    )
+
+
+def _add_payload(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument(
+            "payload", metavar="PAYLOAD", help="JSON if it parses, else a string; - reads stdin"
+        )
+    parser.add_argument(
+        "--header", action="append", default=[], metavar="K=V", type=_header, help="(repeat)"
+    )
+    parser.add_argument("--raw", action="store_true", help="send PAYLOAD as a string, never JSON")
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
+    return key, value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def parse_payload(text: str, *, raw: bool = False) -> Any:
+    """The payload of a command line argument: JSON if it parses (and not `raw`), else the text."""
+    if text == "-":
+        text = sys.stdin.read()
+    if raw:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# ------------------------------------------------------------------------- commands
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from agentpost_server.app import serve_main
+    except ModuleNotFoundError:
+        return _fail(_NOT_INSTALLED)
+    return serve_main(
+        listen=args.listen, redis_url=args.redis_url, worker=False if args.no_worker else None
+    )
+
+
+def _worker(args: argparse.Namespace) -> int:
+    try:
+        from agentpost_server.app import worker_main
+    except ModuleNotFoundError:
+        return _fail(_NOT_INSTALLED)
+    return worker_main(redis_url=args.redis_url)
+
+
+def _send(args: argparse.Namespace) -> int:
+    payload = parse_payload(args.payload, raw=args.raw)
+
+    async def run(client: Client) -> str:
+        return await client.send(args.to, payload, headers=dict(args.header))
+
+    return _print_id(args, _with_client(args, run))
+
+
+def _publish(args: argparse.Namespace) -> int:
+    expected = 1 if args.broadcast else 2
+    if len(args.args) != expected:
+        usage = "PAYLOAD with --broadcast" if args.broadcast else "TOPIC PAYLOAD"
+        return _fail(f"publish takes {usage}", status=2)
+    payload = parse_payload(args.args[-1], raw=args.raw)
+    headers = dict(args.header)
+
+    async def run(client: Client) -> str:
+        if args.broadcast:
+            return await client.broadcast(payload, headers=headers)
+        return await client.publish(args.args[0], payload, headers=headers)
+
+    return _print_id(args, _with_client(args, run))
+
+
+def _request(args: argparse.Namespace) -> int:
+    payload = parse_payload(args.payload, raw=args.raw)
+
+    async def run(client: Client) -> Message:
+        return await client.request(
+            args.to, payload, timeout=args.timeout, headers=dict(args.header)
+        )
+
+    reply = _with_client(args, run)
+    if args.json:
+        print(json.dumps(message_json(reply), ensure_ascii=False))
+    elif isinstance(reply.payload, bytes):
+        sys.stdout.buffer.write(reply.payload)
+        sys.stdout.flush()
+    elif isinstance(reply.payload, str):
+        print(reply.payload)
+    else:
+        print(json.dumps(reply.payload, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _listen(args: argparse.Namespace) -> int:
+    if args.agent_id is None and not args.topic and not args.broadcasts:
+        return _fail("listen needs --as AGENT_ID, or --topic/--broadcasts", status=2)
+    return asyncio.run(_listen_async(args))
+
+
+async def _listen_async(args: argparse.Namespace) -> int:
+    seen = 0
+    async with contextlib.aclosing(_receive(args)) as messages:
+        async for message in messages:
+            if args.json:
+                print(json.dumps(message_json(message), ensure_ascii=False), flush=True)
+            else:
+                print(message_line(message), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    return 0
+
+
+async def _receive(args: argparse.Namespace) -> AsyncGenerator[Message, None]:
+    if args.agent_id is not None:
+        async with connect(args.server, agent_id=args.agent_id, subscriptions=args.topic) as agent:
+            async for message in agent.messages():
+                yield message
+        return
+    async with Client(args.server) as client:
+        stream = client.subscribe(args.topic, broadcasts=args.broadcasts)
+        async with contextlib.aclosing(stream):
+            async for message in stream:
+                yield message
+
+
+def _agents(args: argparse.Namespace) -> int:
+    presence: Presence = "online" if args.online else "offline" if args.offline else "all"
+
+    async def run(client: Client) -> list[AgentInfo]:
+        return await client.list_agents(capability=args.capability, presence=presence)
+
+    agents = _with_client(args, run)
+    if args.json:
+        print(json.dumps([agent_json(agent) for agent in agents], ensure_ascii=False))
+        return 0
+    rows = [("ID", "ONLINE", "SESSIONS", "CAPABILITIES", "LAST SEEN")]
+    for agent in agents:
+        seen = agent.last_seen.isoformat(timespec="seconds") if agent.last_seen else "-"
+        caps = ",".join(agent.capabilities) or "-"
+        rows.append(
+            (agent.agent_id, "yes" if agent.online else "no", str(agent.sessions), caps, seen)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------- output
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as a JSON object (bytes payloads base64-encoded, `payload_encoding` says so)."""
+    out: dict[str, Any] = {
+        "id": message.id,
+        "sender": message.sender,
+        "kind": str(message.kind),
+        "to": message.to,
+        "topic": message.topic,
+        "broadcast": message.broadcast,
+        "correlation_id": message.correlation_id or None,
+        "created_at": message.created_at.isoformat(),
+        "headers": message.headers,
+        "content_type": message.content_type,
+        "payload": message.payload,
+    }
+    if isinstance(message.payload, bytes):
+        out["payload"] = base64.b64encode(message.payload).decode("ascii")
+        out["payload_encoding"] = "base64"
+    return out
+
+
+def message_line(message: Message) -> str:
+    """One human line: time, sender -> target, kind, payload."""
+    target = message.to or (f"#{message.topic}" if message.topic else "*")
+    if isinstance(message.payload, bytes):
+        body = f"<{len(message.payload)} bytes {message.content_type}>"
+    else:
+        body = json.dumps(message.payload, ensure_ascii=False)
+    stamp = message.created_at.isoformat(timespec="milliseconds")
+    return f"{stamp}  {message.sender} -> {target}  {message.kind}  {body}"
+
+
+def agent_json(agent: AgentInfo) -> dict[str, Any]:
+    def time(value: Any) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "agent_id": agent.agent_id,
+        "capabilities": list(agent.capabilities),
+        "metadata": agent.metadata,
+        "online": agent.online,
+        "sessions": agent.sessions,
+        "connected_since": time(agent.connected_since),
+        "last_seen": time(agent.last_seen),
+        "first_seen": time(agent.first_seen),
+    }
+
+
+def _with_client(args: argparse.Namespace, run: Callable[[Client], Coroutine[Any, Any, T]]) -> T:
+    async def go() -> T:
+        async with Client(args.server, agent_id=args.agent_id) as client:
+            return await run(client)
+
+    return asyncio.run(go())
+
+
+def _print_id(args: argparse.Namespace, message_id: str) -> int:
+    print(json.dumps({"message_id": message_id}) if args.json else message_id)
+    return 0
+
+
+def _fail(message: str, *, status: int = 1) -> int:
+    print(f"agentpost: error: {message}", file=sys.stderr)
+    return status

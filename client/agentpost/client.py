@@ -1,0 +1,215 @@
+"""`Client`: the unary calls, for scripts and tools that do not hold a session.
+
+async with agentpost.Client("127.0.0.1:50051", agent_id="script") as client:
+    await client.send("coder", {"task": "x"})
+    for info in await client.list_agents(presence="online"):
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import grpc
+
+from agentpost import _status
+from agentpost.config import ConnectOptions
+from agentpost.errors import InvalidArgumentError
+from agentpost.message import AgentInfo, Message, agent_info_from_proto
+from agentpost.payload import fill_payload
+from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
+
+__all__ = ["AGENT_ID_METADATA", "Client", "Presence"]
+
+#: The request metadata that names the calling agent on unary calls.
+AGENT_ID_METADATA = "agentpost-agent-id"
+
+Presence = Literal["all", "online", "offline"]
+_PRESENCE = {
+    "all": agents_pb2.PRESENCE_FILTER_UNSPECIFIED,
+    "online": agents_pb2.PRESENCE_FILTER_ONLINE,
+    "offline": agents_pb2.PRESENCE_FILTER_OFFLINE,
+}
+_REQUEST_MARGIN = 1.0
+T = TypeVar("T")
+
+
+class Client:
+    """Unary calls to the server at `target`, as `agent_id` ("anonymous" when not given).
+
+    Use it as an async context manager, or call `close()`. Every method raises `AgentpostError`s
+    only. The channel is opened on first use, inside the running event loop.
+    """
+
+    def __init__(
+        self, target: str, *, agent_id: str | None = None, options: ConnectOptions | None = None
+    ) -> None:
+        self.target = target
+        self.agent_id = agent_id
+        self.options = options or ConnectOptions()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            ((AGENT_ID_METADATA, agent_id),) if agent_id else ()
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: messaging_pb2_grpc.AgentMessagingAsyncStub | None = None
+
+    def _get_stub(self) -> messaging_pb2_grpc.AgentMessagingAsyncStub:
+        if self._stub is None:
+            self._channel = self.options.open_channel(self.target)
+            self._stub = messaging_pb2_grpc.AgentMessagingStub(self._channel)
+        assert self._stub is not None
+        return self._stub
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.RpcError as exc:
+            raise _status.from_rpc_error(exc) from None
+
+    async def send(
+        self,
+        to: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Send a direct message to a connected agent; the message id."""
+        request = messaging_pb2.SendRequest(to=to)
+        fill_payload(request.payload, payload, content_type=content_type)
+        if headers:
+            request.headers.update(headers)
+        stub = self._get_stub()
+        call = stub.Send(request, timeout=self.options.request_timeout, metadata=self._metadata)
+        return (await self._call(call)).message_id
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Publish on `topic` (no wildcards); the message id."""
+        return await self._publish(
+            messaging_pb2.PublishRequest(topic=topic), payload, headers, content_type
+        )
+
+    async def broadcast(
+        self,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Send to every connected agent; the message id."""
+        request = messaging_pb2.PublishRequest()
+        request.broadcast.SetInParent()
+        return await self._publish(request, payload, headers, content_type)
+
+    async def _publish(
+        self,
+        request: messaging_pb2.PublishRequest,
+        payload: Any,
+        headers: Mapping[str, str] | None,
+        content_type: str | None,
+    ) -> str:
+        fill_payload(request.payload, payload, content_type=content_type)
+        if headers:
+            request.headers.update(headers)
+        stub = self._get_stub()
+        call = stub.Publish(request, timeout=self.options.request_timeout, metadata=self._metadata)
+        return (await self._call(call)).message_id
+
+    async def request(
+        self,
+        to: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the request's own deadline, sent along)
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> Message:
+        """Ask agent `to` and wait for the reply (`reply.payload` is the answer).
+
+        Raises `NoResponderError`, `RequestTimeoutError` or `HandlerError` like `Agent.request`.
+        """
+        if timeout is None:
+            timeout = self.options.request_timeout
+        if timeout <= 0:
+            raise InvalidArgumentError("timeout must be positive", metadata={"field": "timeout"})
+        request = messaging_pb2.RequestRequest(to=to)
+        fill_payload(request.payload, payload, content_type=content_type)
+        if headers:
+            request.headers.update(headers)
+        request.timeout.FromNanoseconds(int(timeout * 1e9))
+        stub = self._get_stub()
+        call = stub.Request(request, timeout=timeout + _REQUEST_MARGIN, metadata=self._metadata)
+        reply = (await self._call(call)).reply
+        if reply.HasField("error"):
+            raise _status.from_error_proto(reply.error)
+        return Message.from_envelope(reply)
+
+    async def list_agents(
+        self, capability: str | None = None, presence: Presence = "all"
+    ) -> list[AgentInfo]:
+        """The known agents, sorted by id, optionally filtered by capability and presence."""
+        if presence not in _PRESENCE:
+            raise InvalidArgumentError(
+                f"presence must be one of {sorted(_PRESENCE)}", metadata={"field": "presence"}
+            )
+        request = messaging_pb2.ListAgentsRequest(
+            capability=capability or "", presence=_PRESENCE[presence]
+        )
+        stub = self._get_stub()
+        call = stub.ListAgents(
+            request, timeout=self.options.request_timeout, metadata=self._metadata
+        )
+        return [agent_info_from_proto(info) for info in (await self._call(call)).agents]
+
+    async def get_agent(self, agent_id: str) -> AgentInfo:
+        """What the registry knows of one agent; raises `AgentNotFoundError`."""
+        request = messaging_pb2.GetAgentRequest(agent_id=agent_id)
+        stub = self._get_stub()
+        call = stub.GetAgent(request, timeout=self.options.request_timeout, metadata=self._metadata)
+        return agent_info_from_proto((await self._call(call)).agent)
+
+    async def subscribe(
+        self, topics: str | Iterable[str], broadcasts: bool = False
+    ) -> AsyncGenerator[Message, None]:
+        """Receive messages on these topic patterns (and broadcasts) until the loop is left."""
+        patterns = [topics] if isinstance(topics, str) else list(topics)
+        request = messaging_pb2.SubscribeRequest(topics=patterns, broadcasts=broadcasts)
+        call = self._get_stub().Subscribe(request, metadata=self._metadata)
+        try:
+            while True:
+                response = await call.read()
+                if not isinstance(response, messaging_pb2.SubscribeResponse):
+                    return
+                for envelope in response.messages:
+                    yield Message.from_envelope(envelope)
+        except grpc.RpcError as exc:
+            raise _status.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        """Close the channel (idempotent)."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(None)
+
+    async def __aenter__(self) -> Client:
+        self._get_stub()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
