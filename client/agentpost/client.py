@@ -91,22 +91,24 @@ class Client:
         payload: Any,
         *,
         headers: Mapping[str, str] | None = None,
+        include_self: bool = False,
         content_type: str | None = None,
     ) -> str:
-        """Publish on `topic` (no wildcards); the message id."""
-        return await self._publish(
-            messaging_pb2.PublishRequest(topic=topic), payload, headers, content_type
-        )
+        """Publish on `topic` (no wildcards); the message id. Sessions of this client's own
+        agent id are skipped unless `include_self`."""
+        request = messaging_pb2.PublishRequest(topic=topic, include_self=include_self)
+        return await self._publish(request, payload, headers, content_type)
 
     async def broadcast(
         self,
         payload: Any,
         *,
         headers: Mapping[str, str] | None = None,
+        include_self: bool = False,
         content_type: str | None = None,
     ) -> str:
         """Send to every connected agent; the message id."""
-        request = messaging_pb2.PublishRequest()
+        request = messaging_pb2.PublishRequest(include_self=include_self)
         request.broadcast.SetInParent()
         return await self._publish(request, payload, headers, content_type)
 

@@ -126,3 +126,16 @@ async def test_unary_request_through_the_client(target, make_agent):
         with pytest.raises(agentpost.NoResponderError):
             await client.request("nobody", "x", timeout=5)
     await assert_eventually(lambda: True)
+
+
+async def test_replying_after_the_timeout_is_refused(make_agent):
+    responder = await make_agent("late")
+    asker = await make_agent("asker")
+    pending = asyncio.create_task(asker.request("late", "q", timeout=0.2))
+    messages = responder.messages()
+    request = await anext(messages)
+    with pytest.raises(agentpost.RequestTimeoutError):
+        await pending
+    await asyncio.sleep(0.05)  # a little past the deadline on the server's clock too
+    with pytest.raises(agentpost.UnknownRequestError, match="timed out"):
+        await request.reply("too late")

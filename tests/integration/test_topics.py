@@ -94,3 +94,22 @@ async def test_clients_cannot_publish_on_system_topics(make_agent):
 
     with pytest.raises(agentpost.InvalidTopicError, match="reserved"):
         await agent.publish("_agentpost.agents.online", {"agent_id": "fake"})
+
+
+async def test_anonymous_publishers_reach_anonymous_subscribers(target):
+    async with agentpost.Client(target) as listener, agentpost.Client(target) as publisher:
+        received: list[agentpost.Message] = []
+
+        async def watch() -> None:
+            async for message in listener.subscribe(["shell.chat"]):
+                received.append(message)
+
+        task = asyncio.create_task(watch())
+
+        async def arrived() -> bool:
+            await publisher.publish("shell.chat", "hello from another shell")
+            return bool(received)
+
+        await assert_eventually(arrived)
+        assert received[0].sender == "anonymous"
+        task.cancel()

@@ -122,7 +122,10 @@ class Payload(_message.Message):
     """
     @_builtins.property
     def json(self) -> _struct_pb2.Value:
-        """Any JSON value (object, array, string, number, bool or null)."""
+        """Any JSON value (object, array, string, number, bool or null). Numbers are float64, so
+        integers beyond 2^53 do not travel exactly; keep nesting under about 30 levels (protobuf
+        decoders stop at 100 message levels, and each JSON level costs several).
+        """
 
     def __init__(
         self,

@@ -99,7 +99,9 @@ class ClientOperation(_message.Message):
 
     @_builtins.property
     def keep_alive(self) -> Global___KeepAlive:
-        """Proof of life; answers the server's keep-alive (the server sends no answer to it)."""
+        """Proof of life: answers the server's keep-alive, and may be sent at any time (the server
+        sends no answer to it).
+        """
 
     def __init__(
         self,
@@ -578,7 +580,7 @@ class Welcome(_message.Message):
     server_id: _builtins.str
     """The id of the server process holding the session."""
     max_payload_bytes: _builtins.int
-    """The largest payload the server accepts, in bytes."""
+    """The largest message the server accepts, in bytes: the payload plus every header key and value."""
     @_builtins.property
     def keepalive_interval(self) -> _duration_pb2.Duration:
         """How often the server sends keep-alives; a session silent for three intervals is closed."""
@@ -761,8 +763,11 @@ class PublishRequest(_message.Message):
     BROADCAST_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    INCLUDE_SELF_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """A topic name (no wildcards)."""
+    include_self: _builtins.bool
+    """Deliver to the calling agent's own sessions too (they are skipped by default)."""
     @_builtins.property
     def broadcast(self) -> _envelope_pb2.Broadcast:
         """Every connected agent."""
@@ -782,10 +787,11 @@ class PublishRequest(_message.Message):
         broadcast: _envelope_pb2.Broadcast | None = ...,
         payload: _envelope_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        include_self: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "payload", b"payload", "target", b"target", "topic", b"topic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "headers", b"headers", "payload", b"payload", "target", b"target", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "headers", b"headers", "include_self", b"include_self", "payload", b"payload", "target", b"target", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["topic", "broadcast"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015

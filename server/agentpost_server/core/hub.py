@@ -262,6 +262,8 @@ class Hub:
         self, session: LocalSession, message: messaging_pb2.ReplyMessage
     ) -> tuple[Envelope, asyncio.Future[None]]:
         inbound = session.inbound_requests.pop(message.correlation_id, None)
+        if inbound is not None and inbound.deadline_ms < time.time_ns() // 1_000_000:
+            inbound = None  # the requester stopped waiting: refuse rather than drop silently
         if inbound is None:
             raise UnknownRequestError(
                 f"no request {message.correlation_id!r} is waiting for this session's reply"
@@ -288,14 +290,14 @@ class Hub:
             for item in batch.items:
                 envelope = item.envelope
                 for session in self._topics.match(envelope.recipient.topic):
-                    if item.include_self or session.agent_id != envelope.sender:
+                    if item.include_self or not _is_own(session, envelope.sender):
                         session.deliver(envelope)
         else:
             for item in batch.items:
                 envelope = item.envelope
                 for session in self._sessions.values():
                     if session.broadcasts and (
-                        item.include_self or session.agent_id != envelope.sender
+                        item.include_self or not _is_own(session, envelope.sender)
                     ):
                         session.deliver(envelope)
 
@@ -541,3 +543,9 @@ class Hub:
     def _check_accepting(self) -> None:
         if not self.accepting:
             raise ServerShuttingDownError("the server is shutting down; connect to another one")
+
+
+def _is_own(session: LocalSession, sender: str) -> bool:
+    """A publish skips the sender's own agent sessions (receive-only subscriptions of unary
+    callers are never "own": every such caller may share the name "anonymous")."""
+    return session.registered and session.agent_id == sender

@@ -144,6 +144,7 @@ class AgentMessagingServicer:
             request.topic if target == "topic" else None,
             request.payload,
             request.headers,
+            request.include_self,
         )
         await sent
         return messaging_pb2.PublishResponse(message_id=envelope.id, created_at=envelope.created_at)
