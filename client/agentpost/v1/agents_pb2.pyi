@@ -59,12 +59,15 @@ class AgentInfo(_message.Message):
     CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     FIRST_SEEN_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id."""
     online: _builtins.bool
     """True while at least one session of the agent is connected."""
     sessions: _builtins.int
     """How many sessions (replicas) of the agent are connected."""
+    pending: _builtins.int
+    """Messages waiting in the agent's mailbox (stored and not yet acknowledged)."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the agent said it can do, for example "code" or "review"."""
@@ -83,7 +86,7 @@ class AgentInfo(_message.Message):
 
     @_builtins.property
     def first_seen(self) -> _timestamp_pb2.Timestamp:
-        """When the agent first connected."""
+        """When the agent first connected (or was registered)."""
 
     def __init__(
         self,
@@ -96,10 +99,11 @@ class AgentInfo(_message.Message):
         connected_since: _timestamp_pb2.Timestamp | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         first_seen: _timestamp_pb2.Timestamp | None = ...,
+        pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_since", b"connected_since", "first_seen", b"first_seen", "last_seen", b"last_seen", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "connected_since", b"connected_since", "first_seen", b"first_seen", "last_seen", b"last_seen", "metadata", b"metadata", "online", b"online", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "connected_since", b"connected_since", "first_seen", b"first_seen", "last_seen", b"last_seen", "metadata", b"metadata", "online", b"online", "pending", b"pending", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,6 +65,7 @@ class ClientOperation(_message.Message):
     SUBSCRIBE_FIELD_NUMBER: _builtins.int
     UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
     KEEP_ALIVE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """Chosen by the client and echoed on the server's answer; unique among the session's
     operations still waiting for an answer. May be empty for keep-alives.
@@ -103,6 +104,10 @@ class ClientOperation(_message.Message):
         sends no answer to it).
         """
 
+    @_builtins.property
+    def ack(self) -> Global___Acknowledge:
+        """Acknowledge deliveries that are handled (no answer unless an id is malformed)."""
+
     def __init__(
         self,
         *,
@@ -115,16 +120,41 @@ class ClientOperation(_message.Message):
         subscribe: Global___SubscribeTopics | None = ...,
         unsubscribe: Global___UnsubscribeTopics | None = ...,
         keep_alive: Global___KeepAlive | None = ...,
+        ack: Global___Acknowledge | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["introduce", b"introduce", "keep_alive", b"keep_alive", "operation", b"operation", "publish", b"publish", "reply", b"reply", "request", b"request", "send", b"send", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "introduce", b"introduce", "keep_alive", b"keep_alive", "operation", b"operation", "publish", b"publish", "reply", b"reply", "request", b"request", "send", b"send", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["introduce", b"introduce", "keep_alive", b"keep_alive", "operation", b"operation", "operation_id", b"operation_id", "publish", b"publish", "reply", b"reply", "request", b"request", "send", b"send", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "introduce", b"introduce", "keep_alive", b"keep_alive", "operation", b"operation", "operation_id", b"operation_id", "publish", b"publish", "reply", b"reply", "request", b"request", "send", b"send", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["introduce", "send", "publish", "request", "reply", "subscribe", "unsubscribe", "keep_alive"]  # noqa: Y015
+    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["introduce", "send", "publish", "request", "reply", "subscribe", "unsubscribe", "keep_alive", "ack"]  # noqa: Y015
     _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_operation) -> _WhichOneofReturnType_operation | None: ...
 
 Global___ClientOperation: _TypeAlias = ClientOperation  # noqa: Y015
+
+@_typing.final
+class Acknowledge(_message.Message):
+    """Deliveries the agent has handled: they will not be delivered again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The `delivery_id`s of the handled deliveries."""
+
+    def __init__(
+        self,
+        *,
+        delivery_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Acknowledge: _TypeAlias = Acknowledge  # noqa: Y015
 
 @_typing.final
 class Introduce(_message.Message):
@@ -136,9 +166,20 @@ class Introduce(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MAX_UNACKED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id (see ERROR_REASON_INVALID_AGENT_ID for the rule). Several sessions may share
     one id: they are replicas, and each direct message goes to exactly one of them.
+    """
+    instance_id: _builtins.str
+    """Names this instance of the agent across reconnects (and, if the agent keeps it, across
+    restarts): a session with the same instance id takes over the deliveries its predecessor had
+    not acknowledged, in order. Empty: a fresh instance. Replicas use different instance ids.
+    """
+    max_unacked: _builtins.int
+    """At most this many unacknowledged deliveries in flight to this session (flow control);
+    0 means the server's default. The rest waits in the mailbox.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -159,10 +200,12 @@ class Introduce(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _struct_pb2.Struct | None = ...,
         subscriptions: _abc.Iterable[_builtins.str] | None = ...,
+        instance_id: _builtins.str = ...,
+        max_unacked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "metadata", b"metadata", "subscriptions", b"subscriptions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "instance_id", b"instance_id", "max_unacked", b"max_unacked", "metadata", b"metadata", "subscriptions", b"subscriptions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,7 +213,7 @@ Global___Introduce: _TypeAlias = Introduce  # noqa: Y015
 
 @_typing.final
 class SendMessage(_message.Message):
-    """A direct message."""
+    """A direct message, kept in the recipient's mailbox until it is acknowledged."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -197,8 +240,14 @@ class SendMessage(_message.Message):
     TO_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     to: _builtins.str
-    """The recipient agent id."""
+    """The recipient agent id; it must be known (connected once, or registered)."""
+    idempotency_key: _builtins.str
+    """Makes retries safe: a send with a key this sender already used (within the server's
+    idempotency window) returns the first message's id and stores nothing.
+    """
     @_builtins.property
     def payload(self) -> _envelope_pb2.Payload:
         """The body."""
@@ -207,16 +256,22 @@ class SendMessage(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form headers."""
 
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Drop the message (to the dead letters) if it is not delivered within this time."""
+
     def __init__(
         self,
         *,
         to: _builtins.str = ...,
         payload: _envelope_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "payload", b"payload", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "idempotency_key", b"idempotency_key", "payload", b"payload", "to", b"to", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,6 +470,12 @@ class SubscribeTopics(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PATTERNS_FIELD_NUMBER: _builtins.int
+    DURABLE_NAME_FIELD_NUMBER: _builtins.int
+    durable_name: _builtins.str
+    """Make the subscription durable under this name: it keeps its position while the agent is
+    away, and every later session of the agent resumes it (deliveries carry a delivery id).
+    Empty: live only.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Exact names or patterns (`*` one token, `>` all remaining tokens)."""
@@ -423,10 +484,11 @@ class SubscribeTopics(_message.Message):
         self,
         *,
         patterns: _abc.Iterable[_builtins.str] | None = ...,
+        durable_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_name", b"durable_name", "patterns", b"patterns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -439,18 +501,22 @@ class UnsubscribeTopics(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PATTERNS_FIELD_NUMBER: _builtins.int
+    DURABLE_NAME_FIELD_NUMBER: _builtins.int
+    durable_name: _builtins.str
+    """Delete the durable subscription with this name."""
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Patterns exactly as they were subscribed."""
+        """Patterns exactly as they were subscribed (live subscriptions)."""
 
     def __init__(
         self,
         *,
         patterns: _abc.Iterable[_builtins.str] | None = ...,
+        durable_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_name", b"durable_name", "patterns", b"patterns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,10 +577,18 @@ class ServerEvent(_message.Message):
     REPLY_FIELD_NUMBER: _builtins.int
     KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     GOING_AWAY_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    REDELIVERIES_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """For answers (welcome, accepted, error, reply): the operation id being answered. Empty for
     deliveries, keep-alives and going-away notices.
     """
+    delivery_id: _builtins.str
+    """For a delivery that must be acknowledged (mailbox, broadcast, durable subscription): the id
+    to acknowledge. Unacknowledged deliveries come again after a reconnect or the ack timeout.
+    """
+    redeliveries: _builtins.int
+    """How many times this delivery was made before (0 the first time)."""
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """The introduction was accepted; the session is open."""
@@ -554,10 +628,12 @@ class ServerEvent(_message.Message):
         reply: _envelope_pb2.Envelope | None = ...,
         keep_alive: Global___KeepAlive | None = ...,
         going_away: Global___GoingAway | None = ...,
+        delivery_id: _builtins.str = ...,
+        redeliveries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "delivery", b"delivery", "error", b"error", "event", b"event", "going_away", b"going_away", "keep_alive", b"keep_alive", "reply", b"reply", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "delivery", b"delivery", "error", b"error", "event", b"event", "going_away", b"going_away", "keep_alive", b"keep_alive", "operation_id", b"operation_id", "reply", b"reply", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "delivery", b"delivery", "delivery_id", b"delivery_id", "error", b"error", "event", b"event", "going_away", b"going_away", "keep_alive", b"keep_alive", "operation_id", b"operation_id", "redeliveries", b"redeliveries", "reply", b"reply", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["welcome", "accepted", "error", "delivery", "reply", "keep_alive", "going_away"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -575,12 +651,18 @@ class Welcome(_message.Message):
     SERVER_ID_FIELD_NUMBER: _builtins.int
     KEEPALIVE_INTERVAL_FIELD_NUMBER: _builtins.int
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MAX_UNACKED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """This session's id (unique per connection)."""
     server_id: _builtins.str
     """The id of the server process holding the session."""
     max_payload_bytes: _builtins.int
     """The largest message the server accepts, in bytes: the payload plus every header key and value."""
+    instance_id: _builtins.str
+    """The instance id of this session (the one introduced, or a new one the server chose)."""
+    max_unacked: _builtins.int
+    """The flow-control window in force for this session."""
     @_builtins.property
     def keepalive_interval(self) -> _duration_pb2.Duration:
         """How often the server sends keep-alives; a session silent for three intervals is closed."""
@@ -592,10 +674,12 @@ class Welcome(_message.Message):
         server_id: _builtins.str = ...,
         keepalive_interval: _duration_pb2.Duration | None = ...,
         max_payload_bytes: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
+        max_unacked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["keepalive_interval", b"keepalive_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keepalive_interval", b"keepalive_interval", "max_payload_bytes", b"max_payload_bytes", "server_id", b"server_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "keepalive_interval", b"keepalive_interval", "max_payload_bytes", b"max_payload_bytes", "max_unacked", b"max_unacked", "server_id", b"server_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,8 +764,12 @@ class SendRequest(_message.Message):
     TO_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     to: _builtins.str
-    """The recipient agent id."""
+    """The recipient agent id; it must be known (connected once, or registered)."""
+    idempotency_key: _builtins.str
+    """Makes retries safe: see SendMessage.idempotency_key."""
     @_builtins.property
     def payload(self) -> _envelope_pb2.Payload:
         """The body."""
@@ -690,16 +778,22 @@ class SendRequest(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form headers."""
 
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Drop the message (to the dead letters) if it is not delivered within this time."""
+
     def __init__(
         self,
         *,
         to: _builtins.str = ...,
         payload: _envelope_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "payload", b"payload", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "idempotency_key", b"idempotency_key", "payload", b"payload", "to", b"to", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1058,3 +1152,207 @@ class SubscribeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015
+
+@_typing.final
+class RegisterAgentRequest(_message.Message):
+    """Request of RegisterAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent id to make known."""
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent will be able to do."""
+
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Free-form facts about the agent."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterAgentRequest: _TypeAlias = RegisterAgentRequest  # noqa: Y015
+
+@_typing.final
+class RegisterAgentResponse(_message.Message):
+    """Response of RegisterAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> _agents_pb2.AgentInfo:
+        """The agent as now known."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agents_pb2.AgentInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterAgentResponse: _TypeAlias = RegisterAgentResponse  # noqa: Y015
+
+@_typing.final
+class GetMailboxRequest(_message.Message):
+    """Request of GetMailbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent whose mailbox to describe."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMailboxRequest: _TypeAlias = GetMailboxRequest  # noqa: Y015
+
+@_typing.final
+class GetMailboxResponse(_message.Message):
+    """Response of GetMailbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    UNACKNOWLEDGED_FIELD_NUMBER: _builtins.int
+    OLDEST_AT_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent."""
+    depth: _builtins.int
+    """Messages stored and not yet acknowledged (delivered or not)."""
+    unacknowledged: _builtins.int
+    """Of those, delivered and waiting for an acknowledgement."""
+    dead_lettered: _builtins.int
+    """Messages moved to the dead letters so far."""
+    @_builtins.property
+    def oldest_at(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest stored message was accepted; unset when the mailbox is empty."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        depth: _builtins.int = ...,
+        unacknowledged: _builtins.int = ...,
+        oldest_at: _timestamp_pb2.Timestamp | None = ...,
+        dead_lettered: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_at", b"oldest_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "dead_lettered", b"dead_lettered", "depth", b"depth", "oldest_at", b"oldest_at", "unacknowledged", b"unacknowledged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMailboxResponse: _TypeAlias = GetMailboxResponse  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    """Request of ListDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """Only dead letters for this agent; empty for all."""
+    limit: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """One message that could not be delivered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DEAD_AT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why it was not delivered, for example "ttl expired" or "mailbox full"."""
+    @_builtins.property
+    def envelope(self) -> _envelope_pb2.Envelope:
+        """The message as it was accepted."""
+
+    @_builtins.property
+    def dead_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was moved to the dead letters."""
+
+    def __init__(
+        self,
+        *,
+        envelope: _envelope_pb2.Envelope | None = ...,
+        reason: _builtins.str = ...,
+        dead_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_at", b"dead_at", "envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_at", b"dead_at", "envelope", b"envelope", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    """Response of ListDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]:
+        """The dead letters, newest first."""
+
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015

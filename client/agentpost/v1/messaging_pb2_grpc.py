@@ -78,6 +78,21 @@ class AgentMessagingStub:
                 request_serializer=agentpost_dot_v1_dot_messaging__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=agentpost_dot_v1_dot_messaging__pb2.SubscribeResponse.FromString,
                 _registered_method=True)
+        self.RegisterAgent = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/RegisterAgent',
+                request_serializer=agentpost_dot_v1_dot_messaging__pb2.RegisterAgentRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_messaging__pb2.RegisterAgentResponse.FromString,
+                _registered_method=True)
+        self.GetMailbox = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/GetMailbox',
+                request_serializer=agentpost_dot_v1_dot_messaging__pb2.GetMailboxRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_messaging__pb2.GetMailboxResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/ListDeadLetters',
+                request_serializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class AgentMessagingServicer:
@@ -143,6 +158,27 @@ class AgentMessagingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterAgent(self, request, context):
+        """Make an agent id known before it first connects, so that messages sent to it are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMailbox(self, request, context):
+        """How many messages wait in an agent's mailbox, and how old the oldest is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Messages that expired or were trimmed before delivery, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentMessagingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +216,21 @@ def add_AgentMessagingServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=agentpost_dot_v1_dot_messaging__pb2.SubscribeRequest.FromString,
                     response_serializer=agentpost_dot_v1_dot_messaging__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'RegisterAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterAgent,
+                    request_deserializer=agentpost_dot_v1_dot_messaging__pb2.RegisterAgentRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_messaging__pb2.RegisterAgentResponse.SerializeToString,
+            ),
+            'GetMailbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMailbox,
+                    request_deserializer=agentpost_dot_v1_dot_messaging__pb2.GetMailboxRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_messaging__pb2.GetMailboxResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -380,6 +431,87 @@ class AgentMessaging:
             '/agentpost.v1.AgentMessaging/Subscribe',
             agentpost_dot_v1_dot_messaging__pb2.SubscribeRequest.SerializeToString,
             agentpost_dot_v1_dot_messaging__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/RegisterAgent',
+            agentpost_dot_v1_dot_messaging__pb2.RegisterAgentRequest.SerializeToString,
+            agentpost_dot_v1_dot_messaging__pb2.RegisterAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMailbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/GetMailbox',
+            agentpost_dot_v1_dot_messaging__pb2.GetMailboxRequest.SerializeToString,
+            agentpost_dot_v1_dot_messaging__pb2.GetMailboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/ListDeadLetters',
+            agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersRequest.SerializeToString,
+            agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,12 @@ class AgentMessagingStub:
     """Describe one agent."""
     Subscribe: _grpc.UnaryStreamMultiCallable[_messaging_pb2.SubscribeRequest, _messaging_pb2.SubscribeResponse]
     """Receive topic messages (and optionally broadcasts) without a session; receive-only."""
+    RegisterAgent: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.RegisterAgentRequest, _messaging_pb2.RegisterAgentResponse]
+    """Make an agent id known before it first connects, so that messages sent to it are kept."""
+    GetMailbox: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.GetMailboxRequest, _messaging_pb2.GetMailboxResponse]
+    """How many messages wait in an agent's mailbox, and how old the oldest is."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.ListDeadLettersRequest, _messaging_pb2.ListDeadLettersResponse]
+    """Messages that expired or were trimmed before delivery, newest first."""
 
 @_typing.type_check_only
 class AgentMessagingAsyncStub(AgentMessagingStub):
@@ -91,6 +97,12 @@ class AgentMessagingAsyncStub(AgentMessagingStub):
     """Describe one agent."""
     Subscribe: _aio.UnaryStreamMultiCallable[_messaging_pb2.SubscribeRequest, _messaging_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Receive topic messages (and optionally broadcasts) without a session; receive-only."""
+    RegisterAgent: _aio.UnaryUnaryMultiCallable[_messaging_pb2.RegisterAgentRequest, _messaging_pb2.RegisterAgentResponse]  # type: ignore[assignment]
+    """Make an agent id known before it first connects, so that messages sent to it are kept."""
+    GetMailbox: _aio.UnaryUnaryMultiCallable[_messaging_pb2.GetMailboxRequest, _messaging_pb2.GetMailboxResponse]  # type: ignore[assignment]
+    """How many messages wait in an agent's mailbox, and how old the oldest is."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_messaging_pb2.ListDeadLettersRequest, _messaging_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Messages that expired or were trimmed before delivery, newest first."""
 
 class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
     """The agentpost message bus: agents (separate processes, any language) send each other direct
@@ -162,5 +174,29 @@ class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_messaging_pb2.SubscribeResponse], _abc.AsyncIterator[_messaging_pb2.SubscribeResponse]]:
         """Receive topic messages (and optionally broadcasts) without a session; receive-only."""
+
+    @_abc_1.abstractmethod
+    def RegisterAgent(
+        self,
+        request: _messaging_pb2.RegisterAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messaging_pb2.RegisterAgentResponse, _abc.Awaitable[_messaging_pb2.RegisterAgentResponse]]:
+        """Make an agent id known before it first connects, so that messages sent to it are kept."""
+
+    @_abc_1.abstractmethod
+    def GetMailbox(
+        self,
+        request: _messaging_pb2.GetMailboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messaging_pb2.GetMailboxResponse, _abc.Awaitable[_messaging_pb2.GetMailboxResponse]]:
+        """How many messages wait in an agent's mailbox, and how old the oldest is."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _messaging_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messaging_pb2.ListDeadLettersResponse, _abc.Awaitable[_messaging_pb2.ListDeadLettersResponse]]:
+        """Messages that expired or were trimmed before delivery, newest first."""
 
 def add_AgentMessagingServicer_to_server(servicer: AgentMessagingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from agentpost.v1 import envelope_pb2 as agentpost_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentpost_server/bus/v1/bus.proto\x12\x17\x61gentpost_server.bus.v1\x1a\x1b\x61gentpost/v1/envelope.proto\":\n\x08\x42usBatch\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.agentpost_server.bus.v1.Routed\"\xc0\x01\n\x06Routed\x12(\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x16.agentpost.v1.Envelope\x12\x16\n\x0etarget_session\x18\x02 \x01(\t\x12\x14\n\x0creply_server\x18\x03 \x01(\t\x12\x15\n\rreply_session\x18\x04 \x01(\t\x12\x17\n\x0freply_operation\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0cinclude_self\x18\x07 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentpost_server/bus/v1/bus.proto\x12\x17\x61gentpost_server.bus.v1\x1a\x1b\x61gentpost/v1/envelope.proto\"H\n\x08\x42usBatch\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.agentpost_server.bus.v1.Routed\x12\x0c\n\x04wake\x18\x02 \x03(\t\"\xd0\x01\n\x06Routed\x12(\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x16.agentpost.v1.Envelope\x12\x16\n\x0etarget_session\x18\x02 \x01(\t\x12\x14\n\x0creply_server\x18\x03 \x01(\t\x12\x15\n\rreply_session\x18\x04 \x01(\t\x12\x17\n\x0freply_operation\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0cinclude_self\x18\x07 \x01(\x08\x12\x0e\n\x06log_id\x18\x08 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost_server.bus.v1.bus
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BUSBATCH']._serialized_start=91
-  _globals['_BUSBATCH']._serialized_end=149
-  _globals['_ROUTED']._serialized_start=152
-  _globals['_ROUTED']._serialized_end=344
+  _globals['_BUSBATCH']._serialized_end=163
+  _globals['_ROUTED']._serialized_start=166
+  _globals['_ROUTED']._serialized_end=374
 # @@protoc_insertion_point(module_scope)

@@ -30,18 +30,24 @@ class BusBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
+    WAKE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Routed]:
         """The items, in the order their senders' servers accepted them."""
+
+    @_builtins.property
+    def wake(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agents whose mailboxes have new messages (the receiving server reads them from Redis)."""
 
     def __init__(
         self,
         *,
         items: _abc.Iterable[Global___Routed] | None = ...,
+        wake: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "wake", b"wake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -60,6 +66,7 @@ class Routed(_message.Message):
     REPLY_OPERATION_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     INCLUDE_SELF_FIELD_NUMBER: _builtins.int
+    LOG_ID_FIELD_NUMBER: _builtins.int
     target_session: _builtins.str
     """For direct messages, requests and replies: the session that must receive it (one replica)."""
     reply_server: _builtins.str
@@ -72,6 +79,10 @@ class Routed(_message.Message):
     """For requests: unix milliseconds after which a reply is no longer awaited."""
     include_self: _builtins.bool
     """For publishes: the sending agent gets the message too."""
+    log_id: _builtins.str
+    """For broadcasts and topic publishes: the entry id in the durable log (acknowledgements move
+    an agent's position to it).
+    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope:
         """The envelope as the recipient will see it."""
@@ -86,10 +97,11 @@ class Routed(_message.Message):
         reply_operation: _builtins.str = ...,
         deadline_unix_ms: _builtins.int = ...,
         include_self: _builtins.bool = ...,
+        log_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_ms", b"deadline_unix_ms", "envelope", b"envelope", "include_self", b"include_self", "reply_operation", b"reply_operation", "reply_server", b"reply_server", "reply_session", b"reply_session", "target_session", b"target_session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_ms", b"deadline_unix_ms", "envelope", b"envelope", "include_self", b"include_self", "log_id", b"log_id", "reply_operation", b"reply_operation", "reply_server", b"reply_server", "reply_session", b"reply_session", "target_session", b"target_session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
