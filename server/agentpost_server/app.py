@@ -30,7 +30,9 @@ from agentpost_server.settings import Settings
 from agentpost_server.store.bus import RedisBus
 from agentpost_server.store.embedded import EmbeddedRedis
 from agentpost_server.store.keys import Keys
+from agentpost_server.store.mailbox import RedisBroadcastLog, RedisMailboxes
 from agentpost_server.store.presence import RedisPresence
+from agentpost_server.store.writer import PipelineWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class App:
         self._embedded: EmbeddedRedis | None = None
         self._redis: Redis | None = None
         self._bus: RedisBus | None = None
+        self._writer: PipelineWriter | None = None
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -63,10 +66,24 @@ class App:
         self._redis = Redis.from_url(self.redis_url, health_check_interval=10)
         await self._wait_for_redis()
         keys = Keys(s.key_prefix)
-        self._bus = RedisBus(self._redis, keys, self.server_id)
-        presence = RedisPresence(self._redis, keys)
+        self._writer = writer = PipelineWriter(self._redis)
+        writer.start()
+        self._bus = RedisBus(
+            self._redis, keys, self.server_id, writer, broadcast_retention=s.broadcast_retention
+        )
         self.hub = hub = Hub(
-            server_id=self.server_id, bus=self._bus, presence=presence, limits=_limits(s)
+            server_id=self.server_id,
+            bus=self._bus,
+            presence=RedisPresence(self._redis, keys),
+            mailboxes=RedisMailboxes(
+                self._redis,
+                keys,
+                writer,
+                max_len=s.mailbox_max_messages,
+                idempotency_ms=int(s.idempotency_window * 1000),
+            ),
+            broadcasts=RedisBroadcastLog(self._redis, keys),
+            limits=_limits(s),
         )
         await self._bus.start(hub)
         await hub.heartbeat()
@@ -105,6 +122,8 @@ class App:
             await self.hub.wait_closed()
         if self._bus is not None:
             await self._bus.close()
+        if self._writer is not None:
+            await self._writer.close()
         if self._redis is not None:
             await self._redis.aclose()
         if self._embedded is not None:
@@ -171,6 +190,8 @@ def _limits(s: Settings) -> Limits:
         keepalive_interval=s.keepalive_interval,
         max_buffered_events=s.max_buffered_events,
         max_subscriptions=s.max_subscriptions,
+        default_window=s.max_unacked,
+        ack_timeout=s.ack_timeout,
     )
 
 

@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     max_subscriptions: int = Field(1_000, gt=0, description="topic patterns per session")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight calls get on stop")
     reap_interval: float = Field(5.0, gt=0, description="seconds between dead-server sweeps")
+    mailbox_max_messages: int = Field(100_000, gt=0, description="per-mailbox count limit")
+    mailbox_max_age: float = Field(7 * 86400.0, gt=0, description="per-mailbox age limit, s")
+    idempotency_window: float = Field(86400.0, gt=0, description="seconds a send key is kept")
+    ack_timeout: float = Field(
+        60.0, gt=0, description="seconds before an unacked delivery is redelivered"
+    )
+    max_unacked: int = Field(1_000, gt=0, description="default per-session delivery window")
+    broadcast_retention: int = Field(100_000, gt=0, description="broadcasts kept for catch-up")
+    sweep_interval: float = Field(30.0, gt=0, description="seconds between mailbox expiry sweeps")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 

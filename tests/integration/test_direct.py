@@ -46,9 +46,9 @@ async def test_messages_from_one_sender_arrive_in_order(make_agent, inbox):
     assert box.payloads() == list(range(1000))
 
 
-async def test_send_to_an_agent_that_is_not_connected_fails_at_once(make_agent):
+async def test_send_to_an_unknown_agent_fails_at_once(make_agent):
     alice = await make_agent("alice")
-    with pytest.raises(agentpost.AgentOfflineError, match="nobody"):
+    with pytest.raises(agentpost.AgentNotFoundError, match="nobody"):
         await alice.send("nobody", "hello?")
     with pytest.raises(agentpost.InvalidAgentIdError):
         await alice.send("not valid!", "hello?")
@@ -64,8 +64,7 @@ async def test_each_direct_message_reaches_exactly_one_replica(make_agent, inbox
     await assert_eventually(lambda: total() == 240, timeout=10)
     seen = Counter(m.payload for r in replicas for m in r.messages)
     assert len(seen) == 240 and set(seen.values()) == {1}
-    assert sum(1 for r in replicas if r.messages) >= 2  # senders are spread over replicas
-    for replica in replicas:  # and each sender's messages stay in order on its replica
+    for replica in replicas:  # each sender's messages stay in order on each replica
         by_sender: dict[str, list[int]] = {}
         for m in replica.messages:
             sender, n = m.payload.split(":")

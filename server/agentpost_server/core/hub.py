@@ -13,6 +13,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2
 
@@ -30,10 +31,19 @@ from agentpost.errors import (
 )
 from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2
 from agentpost_server.bus.v1 import bus_pb2
-from agentpost_server.core import events, names
-from agentpost_server.core.ids import UlidFactory, new_session_id
+from agentpost_server.core import events, names, pump
+from agentpost_server.core.ids import UlidFactory, new_instance_id, new_session_id
 from agentpost_server.core.limits import Limits
-from agentpost_server.core.ports import AgentRecord, Bus, Lane, PresenceChange, PresenceStore
+from agentpost_server.core.ports import (
+    AgentRecord,
+    BroadcastLog,
+    Bus,
+    Lane,
+    Mailboxes,
+    PresenceChange,
+    PresenceStore,
+)
+from agentpost_server.core.pump import MailboxPump
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
 from agentpost_server.core.topics import TopicIndex
@@ -47,12 +57,21 @@ Payload = envelope_pb2.Payload
 
 class Hub:
     def __init__(
-        self, *, server_id: str, bus: Bus, presence: PresenceStore, limits: Limits
+        self,
+        *,
+        server_id: str,
+        bus: Bus,
+        presence: PresenceStore,
+        mailboxes: Mailboxes,
+        broadcasts: BroadcastLog,
+        limits: Limits,
     ) -> None:
         self.server_id = server_id
         self.limits = limits
         self._bus = bus
         self._presence = presence
+        self.mailboxes = mailboxes
+        self._broadcasts = broadcasts
         self._ids = UlidFactory()
         self._sessions: dict[str, LocalSession] = {}
         self._local_agents: dict[str, set[LocalSession]] = {}
@@ -77,21 +96,56 @@ class Hub:
                 metadata={"field": "metadata"},
             )
         metadata = events.struct_to_dict(intro.metadata)
+        instance_id = (
+            names.check_agent_id(intro.instance_id, "instance_id")
+            if intro.instance_id
+            else new_instance_id()
+        )
+        if intro.max_unacked < 0:
+            raise InvalidArgumentError(
+                "max_unacked must not be negative", metadata={"field": "max_unacked"}
+            )
+        window = min(intro.max_unacked or self.limits.default_window, self.limits.max_window)
         session = self._new_session(
-            agent_id, registered=True, capabilities=capabilities, metadata=metadata
+            agent_id,
+            registered=True,
+            capabilities=capabilities,
+            metadata=metadata,
+            instance_id=instance_id,
         )
         self.subscribe(session, patterns)
         record = AgentRecord(agent_id, capabilities, metadata)
         try:
-            came_online = await self._presence.add_session(record, session.id, self.server_id)
+            came_online = await self._presence.add_session(
+                record, session.id, self.server_id, instance_id
+            )
         except BaseException:
             self._forget(session)
+            raise
+        session.pump = MailboxPump(
+            session,
+            self.mailboxes,
+            self._broadcasts,
+            self._presence,
+            window=window,
+            ack_timeout_ms=int(self.limits.ack_timeout * 1000),
+        )
+        try:
+            await session.pump.prepare()
+        except BaseException:
+            self._forget(session)
+            await self._presence.remove_session(agent_id, session.id, self.server_id)
             raise
         await self._bus.announce(PresenceChange(agent_id, session.id, self.server_id, True))
         if came_online:
             self._system_event(events.agent_online(record))
         log.info("session %s opened for agent %s", session.id, agent_id)
         return session
+
+    def start_delivery(self, session: LocalSession) -> None:
+        """Begin mailbox delivery (after the welcome went out)."""
+        if session.pump is not None:
+            session.pump.start()
 
     def open_subscriber(
         self, identity: str, patterns: Iterable[str], broadcasts: bool
@@ -128,6 +182,8 @@ class Hub:
         self._forget(session)
         for message_id in list(session.outgoing_requests):
             self.requests.cancel(message_id)
+        if session.pump is not None:
+            await session.pump.stop()
         for message_id, inbound in session.inbound_requests.items():
             gone = NoResponderError(f"agent {session.agent_id!r} disconnected before replying")
             self._send_reply(session.agent_id, message_id, inbound, payload=None, error=gone)
@@ -198,13 +254,69 @@ class Hub:
     # ---- outbound ---------------------------------------------------------------------------
 
     async def send(
-        self, sender: str, to: str, payload: Payload, headers: Mapping[str, str]
-    ) -> tuple[Envelope, asyncio.Future[None]]:
+        self,
+        sender: str,
+        to: str,
+        payload: Payload,
+        headers: Mapping[str, str],
+        ttl: duration_pb2.Duration | None = None,
+        idempotency_key: str = "",
+    ) -> tuple[Envelope, asyncio.Future[str]]:
+        """Store a direct message in the recipient's mailbox and wake its sessions. The future
+        resolves with the message id (the first one, for a repeated idempotency key)."""
         to = names.check_agent_id(to, "to")
+        if len(idempotency_key) > 128:
+            raise InvalidArgumentError(
+                "idempotency_key is longer than 128 characters",
+                metadata={"field": "idempotency_key"},
+            )
         envelope = self._envelope(sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers, agent=to)
-        session_id, server_id = await self._pick(to, sender, AgentOfflineError)
-        routed = bus_pb2.Routed(envelope=envelope, target_session=session_id)
-        return envelope, self._bus.publish(Lane.SERVER, routed, server_id)
+        expires_ms = 0
+        if ttl is not None and ttl.ByteSize():
+            seconds = ttl.ToNanoseconds() / 1e9
+            if not 0 < seconds <= self.limits.max_ttl:
+                raise InvalidArgumentError(
+                    f"ttl must be between 0 and {self.limits.max_ttl:g} seconds",
+                    metadata={"field": "ttl"},
+                )
+            expires_ms = time.time_ns() // 1_000_000 + int(seconds * 1000)
+        stored = self.mailboxes.append(sender, to, envelope, expires_ms, idempotency_key)
+        self._bus.wake(to)
+        accepted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                accepted.cancel()
+            elif (exc := future.exception()) is not None:
+                accepted.set_exception(exc)
+            elif future.result() is None:
+                accepted.set_exception(
+                    AgentNotFoundError(
+                        f"no agent {to!r} is known: it never connected and was not registered",
+                        metadata={"agent_id": to},
+                    )
+                )
+            else:
+                result = future.result()
+                accepted.set_result(result.decode() if isinstance(result, bytes) else str(result))
+
+        stored.add_done_callback(done)
+        return envelope, accepted
+
+    def ack(self, session: LocalSession, delivery_ids: Iterable[str]) -> None:
+        if session.pump is None:
+            raise InvalidArgumentError("this session has nothing to acknowledge")
+        for delivery_id in delivery_ids:
+            if not session.pump.ack(delivery_id):
+                raise InvalidArgumentError(
+                    f"{delivery_id[:64]!r} is not a delivery id", metadata={"field": "delivery_ids"}
+                )
+
+    async def register_agent(self, agent: AgentRecord) -> agents_pb2.AgentInfo:
+        names.check_agent_id(agent.agent_id)
+        names.check_capabilities(agent.capabilities)
+        await self._presence.register(agent)
+        return await self.get_agent(agent.agent_id)
 
     def publish(
         self,
@@ -286,6 +398,11 @@ class Hub:
         if lane is Lane.SERVER:
             for item in batch.items:
                 self._on_addressed(item)
+        elif lane is Lane.WAKE:
+            for agent_id in batch.wake:
+                for session in self._local_agents.get(agent_id, ()):
+                    if session.pump is not None:
+                        session.pump.wake()
         elif lane is Lane.TOPICS:
             for item in batch.items:
                 envelope = item.envelope
@@ -295,13 +412,25 @@ class Hub:
         else:
             for item in batch.items:
                 envelope = item.envelope
+                logged = messaging_pb2.ServerEvent(
+                    delivery=envelope, delivery_id=pump.BROADCAST + item.log_id
+                )
+                plain = messaging_pb2.ServerEvent(delivery=envelope)
                 for session in self._sessions.values():
-                    if session.broadcasts and (
-                        item.include_self or not _is_own(session, envelope.sender)
+                    if not session.broadcasts or (
+                        not item.include_self and _is_own(session, envelope.sender)
                     ):
-                        session.deliver(envelope)
+                        continue
+                    if session.pump is None or not item.log_id:
+                        session.push(plain)
+                    elif session.pump.live_broadcast(item.log_id):
+                        session.push(logged)
 
     def on_presence(self, change: PresenceChange) -> None:
+        if not change.added:  # a fellow instance left: take over what it had not acknowledged
+            for session in self._local_agents.get(change.agent_id, ()):
+                if session.pump is not None and session.id != change.session_id:
+                    session.pump.adopt_soon()
         if change.server_id == self.server_id:
             return
         known = self._cache.get(change.agent_id)
@@ -334,6 +463,8 @@ class Hub:
                 del session.inbound_requests[message_id]
             if not session.registered:
                 continue
+            if session.pump is not None:
+                session.pump.claim_soon()  # redeliver what waited past the ack timeout
             if now - session.last_heard > silent_after:
                 log.info(
                     "session %s of %s was silent for %.0fs: closing",
@@ -361,7 +492,9 @@ class Hub:
             for session in self.local_sessions():
                 if session.registered:
                     record = AgentRecord(session.agent_id, session.capabilities, session.metadata)
-                    await self._presence.add_session(record, session.id, self.server_id)
+                    await self._presence.add_session(
+                        record, session.id, self.server_id, session.instance_id
+                    )
         self._heartbeats += 1
 
     # ---- internals ----------------------------------------------------------------------------

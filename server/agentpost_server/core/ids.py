@@ -39,3 +39,7 @@ def new_session_id() -> str:
 
 def new_server_id() -> str:
     return "srv-" + secrets.token_hex(5)
+
+
+def new_instance_id() -> str:
+    return "i-" + secrets.token_hex(8)

@@ -14,3 +14,7 @@ class Limits:
     max_buffered_events: int = 100_000
     max_subscriptions: int = 1_000
     max_metadata_bytes: int = 16 << 10
+    default_window: int = 1_000
+    max_window: int = 10_000
+    ack_timeout: float = 60.0
+    max_ttl: float = 30 * 86400.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from agentpost._status import to_error_proto
 from agentpost.errors import (
@@ -25,11 +26,21 @@ log = logging.getLogger(__name__)
 async def handle(hub: Hub, session: LocalSession, op: messaging_pb2.ClientOperation) -> None:
     op_id = op.operation_id
     kind = op.WhichOneof("operation")
+    sent: asyncio.Future[Any]
     try:
         if kind == "send":
             send = op.send
-            envelope, sent = await hub.send(session.agent_id, send.to, send.payload, send.headers)
+            envelope, sent = await hub.send(
+                session.agent_id,
+                send.to,
+                send.payload,
+                send.headers,
+                send.ttl if send.HasField("ttl") else None,
+                send.idempotency_key,
+            )
             _answer_when_sent(session, op_id, envelope, sent)
+        elif kind == "ack":
+            hub.ack(session, op.ack.delivery_ids)
         elif kind == "publish":
             publish = op.publish
             target = publish.WhichOneof("target")
@@ -79,7 +90,7 @@ async def handle(hub: Hub, session: LocalSession, op: messaging_pb2.ClientOperat
         session.fail(op_id, to_error_proto(exc))
 
 
-def _outcome(future: asyncio.Future[None]) -> AgentpostError | None:
+def _outcome(future: asyncio.Future[Any]) -> AgentpostError | None:
     if future.cancelled():
         return UnavailableError("the server is stopping")
     exc = future.exception()
@@ -92,12 +103,17 @@ def _outcome(future: asyncio.Future[None]) -> AgentpostError | None:
 
 
 def _answer_when_sent(
-    session: LocalSession, op_id: str, envelope: envelope_pb2.Envelope, sent: asyncio.Future[None]
+    session: LocalSession, op_id: str, envelope: envelope_pb2.Envelope, sent: asyncio.Future[Any]
 ) -> None:
-    def done(future: asyncio.Future[None]) -> None:
+    """Accepted once stored; the id is the future's result when it is one (a repeated
+    idempotency key answers with the first message's id)."""
+
+    def done(future: asyncio.Future[Any]) -> None:
         error = _outcome(future)
         if error is None:
-            session.answer(op_id, envelope.id, envelope.created_at)
+            result = future.result()
+            message_id = result if isinstance(result, str) else envelope.id
+            session.answer(op_id, message_id, envelope.created_at)
         else:
             session.fail(op_id, to_error_proto(error))
 
@@ -109,9 +125,9 @@ def _answer_request_when_sent(
     session: LocalSession,
     op_id: str,
     envelope: envelope_pb2.Envelope,
-    sent: asyncio.Future[None],
+    sent: asyncio.Future[Any],
 ) -> None:
-    def done(future: asyncio.Future[None]) -> None:
+    def done(future: asyncio.Future[Any]) -> None:
         error = _outcome(future)
         if error is None:
             session.answer(op_id, envelope.id, envelope.created_at)

@@ -9,16 +9,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agentpost.v1 import agents_pb2
+from agentpost.v1 import agents_pb2, envelope_pb2
 from agentpost_server.bus.v1 import bus_pb2
 
 
 class Lane(enum.Enum):
     """The bus lanes between server processes."""
 
-    SERVER = "server"  # addressed to one server process (direct messages, requests, replies)
+    SERVER = "server"  # addressed to one server process (requests, replies)
     TOPICS = "topics"  # topic publishes, seen by every server
     BROADCAST = "broadcast"  # broadcasts, seen by every server
+    WAKE = "wake"  # "these mailboxes grew", seen by every server
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +35,13 @@ class PresenceChange:
 class Bus(Protocol):
     """Fan-out between server processes (Redis pub/sub)."""
 
-    def publish(
-        self, lane: Lane, item: bus_pb2.Routed, server_id: str = ""
-    ) -> asyncio.Future[None]:
+    def publish(self, lane: Lane, item: bus_pb2.Routed, server_id: str = "") -> asyncio.Future[Any]:
         """Queue `item`; items are sent in call order. The future resolves once the bus took it."""
+        ...
+
+    def wake(self, agent_id: str) -> None:
+        """Tell every server process (after the writes queued so far) that the agent's mailbox
+        has new messages."""
         ...
 
     async def announce(self, change: PresenceChange) -> None:
@@ -67,8 +71,18 @@ class AgentRecord:
 class PresenceStore(Protocol):
     """The registry of agents and their live sessions."""
 
-    async def add_session(self, agent: AgentRecord, session_id: str, server_id: str) -> bool:
-        """Register a session; True when the agent just came online."""
+    async def add_session(
+        self, agent: AgentRecord, session_id: str, server_id: str, instance_id: str
+    ) -> bool:
+        """Register a session (and make the agent known); True when the agent came online."""
+        ...
+
+    async def register(self, agent: AgentRecord) -> None:
+        """Make an agent known before it connects."""
+        ...
+
+    async def live_instances(self, agent_id: str) -> set[str]:
+        """The instance ids of the agent's live sessions."""
         ...
 
     async def remove_session(self, agent_id: str, session_id: str, server_id: str) -> bool:
@@ -93,3 +107,62 @@ class PresenceStore(Protocol):
     async def ping(self) -> None:
         """Raise UnavailableError unless storage answers."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored message: its stream id (what a delivery id names), expiry and envelope bytes."""
+
+    stream_id: str
+    expires_ms: int
+    envelope: bytes
+
+
+class Mailboxes(Protocol):
+    """Durable per-agent mailboxes, read by the agent's instances as competing consumers."""
+
+    def append(
+        self,
+        sender: str,
+        agent_id: str,
+        envelope: envelope_pb2.Envelope,
+        expires_ms: int,
+        idempotency_key: str,
+    ) -> asyncio.Future[Any]:
+        """Queue the append; resolves with the message id (an earlier one for a repeated
+        idempotency key), or None when the agent is unknown."""
+        ...
+
+    async def read(
+        self, agent_id: str, consumer: str, count: int, *, pending: bool
+    ) -> list[Entry]: ...
+
+    async def adopt(self, agent_id: str, consumer: str, live: set[str]) -> int: ...
+
+    async def claim_stale(self, agent_id: str, consumer: str, idle_ms: int, count: int) -> int: ...
+
+    async def ack(self, agent_id: str, stream_ids: Sequence[str]) -> None: ...
+
+    async def dead_letter(self, agent_id: str, entries: Sequence[Entry], reason: str) -> None: ...
+
+    async def describe(self, agent_id: str) -> tuple[int, int, int | None, int]:
+        """(depth, unacknowledged, oldest accepted unix ms or None, dead-lettered so far)."""
+        ...
+
+    async def dead_letters(self, agent_id: str, limit: int) -> list[tuple[bytes, str, int]]:
+        """(envelope, reason, dead-at unix ms), newest first."""
+        ...
+
+
+class BroadcastLog(Protocol):
+    """Recent broadcasts, and each agent's position in them."""
+
+    async def position(self, agent_id: str) -> str: ...
+
+    async def latest(self) -> str:
+        """The id of the newest broadcast ("0-0" when there is none)."""
+        ...
+
+    async def since(self, log_id: str, count: int) -> list[Entry]: ...
+
+    async def advance(self, agent_id: str, log_id: str) -> None: ...

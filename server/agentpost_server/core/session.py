@@ -33,6 +33,7 @@ class LocalSession:
     id: str
     agent_id: str
     registered: bool  # an agent session (in presence) rather than a receive-only subscription
+    instance_id: str = ""
     capabilities: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     broadcasts: bool = True
@@ -42,6 +43,7 @@ class LocalSession:
     outgoing_requests: set[str] = field(default_factory=set)
     last_heard: float = field(default_factory=time.monotonic)
     closed: bool = False
+    pump: Any = None  # the MailboxPump of an agent session
     close_error: AgentpostError | None = None
     _events: deque[messaging_pb2.ServerEvent] = field(default_factory=deque)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)

@@ -6,6 +6,8 @@ Jobs are JSON-serialized (never pickle). Queue name: "<key prefix>:jobs".
 Jobs so far:
 - `reap_dead_servers` (cron, every `reap_interval` seconds): remove the sessions of server
   processes whose heartbeat expired, so their agents show offline.
+- `sweep_mailboxes` (cron, every `sweep_interval` seconds): move messages past their TTL or
+  older than the mailbox age limit to the dead letters.
 """
 
 from __future__ import annotations
@@ -20,17 +22,23 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from agentpost_server.core.ids import UlidFactory
-from agentpost_server.core.reaper import reap
+from agentpost_server.core.reaper import reap, sweep
 from agentpost_server.settings import Settings
 from agentpost_server.store.bus import RedisBus
 from agentpost_server.store.keys import Keys
+from agentpost_server.store.mailbox import RedisMailboxes
 from agentpost_server.store.presence import RedisPresence
+from agentpost_server.store.writer import PipelineWriter
 
 log = logging.getLogger(__name__)
 
 
 async def reap_dead_servers(ctx: dict[str, Any]) -> int:
     return await reap(ctx["presence"], ctx["bus"], ctx["ids"])
+
+
+async def sweep_mailboxes(ctx: dict[str, Any]) -> int:
+    return await sweep(ctx["presence"], ctx["mailboxes"], max_age_ms=ctx["max_age_ms"])
 
 
 def _dumps(value: Any) -> bytes:
@@ -42,16 +50,34 @@ def build_worker(settings: Settings, redis_url: str, *, handle_signals: bool) ->
 
     async def startup(ctx: dict[str, Any]) -> None:
         redis = ctx["redis"]
-        bus = RedisBus(redis, keys, server_id="worker")
-        await bus.start()
-        ctx.update(bus=bus, presence=RedisPresence(redis, keys), ids=UlidFactory())
+        writer = PipelineWriter(redis)
+        writer.start()
+        bus = RedisBus(redis, keys, "worker", writer)
+        mailboxes = RedisMailboxes(
+            redis,
+            keys,
+            writer,
+            max_len=settings.mailbox_max_messages,
+            idempotency_ms=int(settings.idempotency_window * 1000),
+        )
+        ctx.update(
+            bus=bus,
+            writer=writer,
+            presence=RedisPresence(redis, keys),
+            ids=UlidFactory(),
+            mailboxes=mailboxes,
+            redis_plain=redis,
+            keys=keys,
+            max_age_ms=int(settings.mailbox_max_age * 1000),
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        bus = ctx.get("bus")
-        if bus is not None:
-            await bus.close()
+        writer = ctx.get("writer")
+        if writer is not None:
+            await writer.close()
 
     every = max(1, round(settings.reap_interval))
+    sweep_every = max(1, min(59, round(settings.sweep_interval)))
     return Worker(
         functions=[],
         cron_jobs=[
@@ -62,7 +88,15 @@ def build_worker(settings: Settings, redis_url: str, *, handle_signals: bool) ->
                 run_at_startup=True,
                 unique=True,
                 timeout=30,
-            )
+            ),
+            cron(
+                sweep_mailboxes,
+                name="sweep_mailboxes",
+                second=set(range(0, 60, sweep_every)),
+                run_at_startup=True,
+                unique=True,
+                timeout=300,
+            ),
         ],
         redis_settings=RedisSettings.from_dsn(redis_url),
         queue_name=f"{settings.key_prefix}:jobs",

@@ -15,8 +15,9 @@ from google.protobuf.message import DecodeError
 from agentpost._status import from_error_proto, to_error_proto
 from agentpost.errors import AgentpostError, InvalidArgumentError, ProtocolViolationError
 from agentpost.v1 import agents_pb2, messaging_pb2
-from agentpost_server.core import names, operations
+from agentpost_server.core import events, names, operations
 from agentpost_server.core.hub import Hub
+from agentpost_server.core.ports import AgentRecord
 from agentpost_server.core.session import LocalSession
 from agentpost_server.rpc.errors import streaming, unary
 
@@ -70,9 +71,12 @@ class AgentMessagingServicer:
         welcome.welcome.server_id = self._hub.server_id
         welcome.welcome.keepalive_interval.FromNanoseconds(int(limits.keepalive_interval * 1e9))
         welcome.welcome.max_payload_bytes = limits.max_payload_bytes
+        welcome.welcome.instance_id = session.instance_id
+        welcome.welcome.max_unacked = session.pump.window if session.pump is not None else 0
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
             yield messaging_pb2.ConnectResponse(events=[welcome])
+            self._hub.start_delivery(session)
             while (batch := await session.next_batch()) is not None:
                 yield messaging_pb2.ConnectResponse(events=batch)
             if session.close_error is not None:
@@ -124,11 +128,16 @@ class AgentMessagingServicer:
     async def Send(
         self, request: messaging_pb2.SendRequest, context: Ctx
     ) -> messaging_pb2.SendResponse:
-        envelope, sent = await self._hub.send(
-            identity(context), request.to, request.payload, request.headers
+        envelope, stored = await self._hub.send(
+            identity(context),
+            request.to,
+            request.payload,
+            request.headers,
+            request.ttl if request.HasField("ttl") else None,
+            request.idempotency_key,
         )
-        await sent
-        return messaging_pb2.SendResponse(message_id=envelope.id, created_at=envelope.created_at)
+        message_id = await stored
+        return messaging_pb2.SendResponse(message_id=message_id, created_at=envelope.created_at)
 
     @unary(messaging_pb2.PublishRequest)
     async def Publish(
@@ -204,3 +213,42 @@ class AgentMessagingServicer:
                 raise session.close_error
         finally:
             await asyncio.shield(self._hub.close_session_soon(session))
+
+    @unary(messaging_pb2.RegisterAgentRequest)
+    async def RegisterAgent(
+        self, request: messaging_pb2.RegisterAgentRequest, context: Ctx
+    ) -> messaging_pb2.RegisterAgentResponse:
+        record = AgentRecord(
+            request.agent_id, list(request.capabilities), events.struct_to_dict(request.metadata)
+        )
+        agent = await self._hub.register_agent(record)
+        return messaging_pb2.RegisterAgentResponse(agent=agent)
+
+    @unary(messaging_pb2.GetMailboxRequest)
+    async def GetMailbox(
+        self, request: messaging_pb2.GetMailboxRequest, context: Ctx
+    ) -> messaging_pb2.GetMailboxResponse:
+        await self._hub.get_agent(request.agent_id)  # NOT_FOUND for an unknown agent
+        depth, unacked, oldest_ms, dead = await self._hub.mailboxes.describe(request.agent_id)
+        response = messaging_pb2.GetMailboxResponse(
+            agent_id=request.agent_id, depth=depth, unacknowledged=unacked, dead_lettered=dead
+        )
+        if oldest_ms is not None:
+            response.oldest_at.FromMilliseconds(oldest_ms)
+        return response
+
+    @unary(messaging_pb2.ListDeadLettersRequest)
+    async def ListDeadLetters(
+        self, request: messaging_pb2.ListDeadLettersRequest, context: Ctx
+    ) -> messaging_pb2.ListDeadLettersResponse:
+        if request.agent_id:
+            names.check_agent_id(request.agent_id)
+        if request.limit < 0:
+            raise InvalidArgumentError("limit must not be negative", metadata={"field": "limit"})
+        limit = min(request.limit or 100, 1000)
+        response = messaging_pb2.ListDeadLettersResponse()
+        for raw, reason, dead_ms in await self._hub.mailboxes.dead_letters(request.agent_id, limit):
+            letter = response.dead_letters.add(reason=reason)
+            letter.envelope.ParseFromString(raw)
+            letter.dead_at.FromMilliseconds(dead_ms)
+        return response

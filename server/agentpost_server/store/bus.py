@@ -1,9 +1,9 @@
 """The bus between server processes, on Redis pub/sub.
 
-Outbound, `publish` queues a routed envelope and returns the future of the batch it joins; one
-flusher sends each batch as a pipeline of PUBLISH commands (one per channel and chunk), always on
-one connection and one batch at a time, so the order of publishes is the order of calls. While a
-batch is in flight the next one fills: under load, many envelopes share one PUBLISH.
+Outbound, `publish` queues a routed envelope on the ordered pipeline writer (`store.writer`): many
+envelopes share one PUBLISH, in call order. Broadcasts are also appended to the broadcast log, by
+a script that publishes them with their log id. `wake` tells a server that an agent's mailbox has
+new messages.
 
 Inbound, one pub/sub connection listens on this server's own channel, the topics and broadcast
 channels and the presence channel, and hands decoded batches to the hub. If the connection
@@ -23,16 +23,25 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from agentpost.errors import UnavailableError
 from agentpost_server.bus.v1 import bus_pb2
 from agentpost_server.core.ports import Inbound, Lane, PresenceChange
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
+from agentpost_server.store.writer import PipelineWriter
 
 log = logging.getLogger(__name__)
 
-_MAX_ITEMS_PER_PUBLISH = 500
-_MAX_BYTES_PER_PUBLISH = 1 << 20
+# KEYS: broadcast log, broadcast channel; ARGV: Routed bytes, envelope bytes, log max length.
+# Appends the broadcast to the log, then publishes the Routed with its log id (field 8) added,
+# framed as one BusBatch item (field 1): the log id is only known inside the script.
+_BROADCAST = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+local item = ARGV[1] .. string.char(0x42, #id) .. id
+local n, len = #item, ''
+while n > 127 do len = len .. string.char(n % 128 + 128); n = math.floor(n / 128) end
+redis.call('PUBLISH', KEYS[2], string.char(0x0a) .. len .. string.char(n) .. item)
+return id
+"""
 
 
 def _varint(value: int) -> bytes:
@@ -51,111 +60,86 @@ def _frame(item: bus_pb2.Routed) -> bytes:
     return b"\x0a" + _varint(len(data)) + data
 
 
+def _wake_frame(agent_id: str) -> bytes:
+    """`agent_id` as one element of BusBatch.wake (field 2)."""
+    data = agent_id.encode()
+    return b"\x12" + _varint(len(data)) + data
+
+
 class RedisBus:
-    def __init__(self, redis: Redis, keys: Keys, server_id: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        server_id: str,
+        writer: PipelineWriter,
+        *,
+        broadcast_retention: int = 100_000,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._server_id = server_id
+        self._writer = writer
+        self._broadcast = redis.register_script(_BROADCAST)
+        self._broadcast_retention = broadcast_retention
         self._inbound: Inbound | None = None
-        self._queue: list[tuple[str, bytes]] = []
-        self._batch_future: asyncio.Future[None] | None = None
-        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._wake_batch: asyncio.Future[None] | None = None
+        self._woken: set[str] = set()
         self._subscribed = asyncio.Event()
         self._closing = False
         self._lanes = {
             keys.server_channel(server_id).encode(): Lane.SERVER,
             keys.topics_channel.encode(): Lane.TOPICS,
             keys.broadcast_channel.encode(): Lane.BROADCAST,
+            keys.wake_channel.encode(): Lane.WAKE,
         }
 
-    async def start(self, inbound: Inbound | None = None) -> None:
-        """Start publishing and, given a hub, listening (returns once subscribed)."""
+    async def start(self, inbound: Inbound) -> None:
+        """Start listening for the hub; returns once subscribed."""
         self._inbound = inbound
-        self._tasks = [asyncio.create_task(self._flush_loop(), name="bus-flush")]
-        if inbound is not None:
-            self._tasks.append(asyncio.create_task(self._listen_loop(), name="bus-listen"))
-            await self._subscribed.wait()
+        self._tasks.append(asyncio.create_task(self._listen_loop(), name="bus-listen"))
+        await self._subscribed.wait()
 
     async def close(self) -> None:
-        """Send what is queued (briefly), then stop."""
-        pending = self._batch_future
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await asyncio.shield(pending)
         self._closing = True
-        self._wake.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._batch_future is not None and not self._batch_future.done():
-            self._batch_future.set_exception(UnavailableError("the server is stopping"))
 
     # ---- outbound ---------------------------------------------------------------------------
 
-    def publish(
-        self, lane: Lane, item: bus_pb2.Routed, server_id: str = ""
-    ) -> asyncio.Future[None]:
+    def publish(self, lane: Lane, item: bus_pb2.Routed, server_id: str = "") -> asyncio.Future[Any]:
         if lane is Lane.SERVER:
-            channel = self._keys.server_channel(server_id)
-        elif lane is Lane.TOPICS:
-            channel = self._keys.topics_channel
-        else:
-            channel = self._keys.broadcast_channel
-        if self._batch_future is None:
-            self._batch_future = asyncio.get_running_loop().create_future()
-        self._queue.append((channel, _frame(item)))
-        self._wake.set()
-        return self._batch_future
+            return self._writer.publish(self._keys.server_channel(server_id), _frame(item))
+        if lane is Lane.TOPICS:
+            return self._writer.publish(self._keys.topics_channel, _frame(item))
+        # Broadcasts are also logged, so agents that were away can catch up.
+        k = self._keys
+        return self._writer.run_script(
+            self._broadcast,
+            [k.broadcast_log, k.broadcast_channel],
+            [
+                item.SerializeToString(),
+                item.envelope.SerializeToString(),
+                self._broadcast_retention,
+            ],
+        )
+
+    def wake(self, agent_id: str) -> None:
+        """Tell every server process that `agent_id`'s mailbox has new messages: published after
+        the writes queued so far, once per agent per batch."""
+        batch = self._writer.batch()
+        if batch is not self._wake_batch:
+            self._wake_batch, self._woken = batch, set()
+        if agent_id not in self._woken:
+            self._woken.add(agent_id)
+            self._writer.publish(self._keys.wake_channel, _wake_frame(agent_id))
 
     async def announce(self, change: PresenceChange) -> None:
         message = json.dumps([change.agent_id, change.session_id, change.server_id, change.added])
         with unavailable_on_redis_error("announcing presence"):
             await self._redis.publish(self._keys.presence_channel, message)
-
-    async def _flush_loop(self) -> None:
-        while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                queue, future = self._queue, self._batch_future
-                self._queue, self._batch_future = [], None
-                try:
-                    await self._send(queue)
-                except (RedisError, OSError) as exc:
-                    log.warning("bus publish failed: %s", exc)
-                    if future is not None and not future.done():
-                        future.set_exception(
-                            UnavailableError("storage is unavailable (publish failed); retry later")
-                        )
-                    continue
-                except BaseException:
-                    if future is not None and not future.done():
-                        future.set_exception(UnavailableError("the server is stopping"))
-                    raise
-                if future is not None and not future.done():
-                    future.set_result(None)
-
-    async def _send(self, queue: list[tuple[str, bytes]]) -> None:
-        by_channel: dict[str, list[bytes]] = {}
-        for channel, frame in queue:
-            by_channel.setdefault(channel, []).append(frame)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for channel, frames in by_channel.items():
-                chunk: list[bytes] = []
-                size = 0
-                for frame in frames:
-                    if chunk and (
-                        len(chunk) >= _MAX_ITEMS_PER_PUBLISH
-                        or size + len(frame) > _MAX_BYTES_PER_PUBLISH
-                    ):
-                        pipe.publish(channel, b"".join(chunk))
-                        chunk, size = [], 0
-                    chunk.append(frame)
-                    size += len(frame)
-                pipe.publish(channel, b"".join(chunk))
-            await pipe.execute()
 
     # ---- inbound ----------------------------------------------------------------------------
 

@@ -12,14 +12,26 @@ class Keys:
         self.topics_channel = f"{prefix}:ch:topics"
         self.broadcast_channel = f"{prefix}:ch:broadcast"
         self.presence_channel = f"{prefix}:ch:presence"
+        self.wake_channel = f"{prefix}:ch:wake"
+        self.dead_letters = f"{prefix}:dead"  # STREAM of undeliverable messages, with reasons
+        self.broadcast_log = f"{prefix}:broadcasts"  # STREAM of recent broadcasts
 
     def agent(self, agent_id: str) -> str:
-        """HASH: capabilities, metadata (JSON), first_seen, connected_since, last_seen (unix ms)."""
+        """HASH: capabilities, metadata (JSON), first_seen, connected_since, last_seen (unix ms),
+        bpos (the last broadcast-log id acknowledged), dead (messages dead-lettered)."""
         return f"{self.prefix}:agent:{agent_id}"
 
     def agent_sessions(self, agent_id: str) -> str:
-        """HASH: session id -> server id, for the agent's live sessions."""
+        """HASH: session id -> "<server id> <instance id>", for the agent's live sessions."""
         return f"{self.prefix}:agent:{agent_id}:sessions"
+
+    def mailbox(self, agent_id: str) -> str:
+        """STREAM: the agent's unacknowledged direct messages (consumer group "g")."""
+        return f"{self.prefix}:mbox:{agent_id}"
+
+    def idempotency(self, sender: str, key: str) -> str:
+        """STRING with a TTL: the message id first stored under a sender's idempotency key."""
+        return f"{self.prefix}:idem:{sender}:{key}"
 
     def server_alive(self, server_id: str) -> str:
         """STRING with a TTL, refreshed by the server's heartbeat."""

@@ -18,22 +18,49 @@ from agentpost_server.store.keys import Keys
 
 T = TypeVar("T")
 
-# KEYS: agent, agent_sessions, server_sessions, agents, servers
-# ARGV: session_id, server_id, agent_id, capabilities_json, metadata_json, now_ms
-_ADD = """
+# Makes an agent known: its record, its mailbox's consumer group, and its broadcast position
+# (the newest broadcast now, so a new agent gets no history). Shared by _ADD and _REGISTER.
+# KEYS: agent, agents, mailbox, broadcast log; ARGV: agent_id, capabilities, metadata, now_ms
+_KNOW = """
+local function know(agent, agents, mailbox, log, agent_id, capabilities, metadata, now)
+  redis.call('SADD', agents, agent_id)
+  redis.call('HSET', agent, 'capabilities', capabilities, 'metadata', metadata)
+  redis.call('HSETNX', agent, 'first_seen', now)
+  if redis.call('HEXISTS', agent, 'bpos') == 0 then
+    local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+    redis.call('HSET', agent, 'bpos', last[1] and last[1][1] or '0-0')
+  end
+  pcall(redis.call, 'XGROUP', 'CREATE', mailbox, 'g', '0', 'MKSTREAM')
+end
+"""
+
+_REGISTER = (
+    _KNOW
+    + """
+know(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: agent, agent_sessions, server_sessions, agents, servers, mailbox, broadcast log
+# ARGV: session_id, "server_id instance_id", agent_id, capabilities_json, metadata_json, now_ms,
+#       server_id
+_ADD = (
+    _KNOW
+    + """
+know(KEYS[1], KEYS[4], KEYS[6], KEYS[7], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 local before = redis.call('HLEN', KEYS[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[3])
-redis.call('SADD', KEYS[5], ARGV[2])
-redis.call('HSET', KEYS[1], 'capabilities', ARGV[4], 'metadata', ARGV[5], 'last_seen', ARGV[6])
-redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[6])
+redis.call('SADD', KEYS[5], ARGV[7])
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[6])
 if before == 0 then
   redis.call('HSET', KEYS[1], 'connected_since', ARGV[6])
   return 1
 end
 return 0
 """
+)
 
 # KEYS: agent, agent_sessions, server_sessions; ARGV: session_id, now_ms
 _REMOVE = """
@@ -60,28 +87,53 @@ class RedisPresence:
         self._keys = keys
         self._add = redis.register_script(_ADD)
         self._remove = redis.register_script(_REMOVE)
+        self._register = redis.register_script(_REGISTER)
 
-    async def add_session(self, agent: AgentRecord, session_id: str, server_id: str) -> bool:
+    async def add_session(
+        self, agent: AgentRecord, session_id: str, server_id: str, instance_id: str
+    ) -> bool:
         k = self._keys
+        a = agent.agent_id
         with unavailable_on_redis_error("registering the session"):
             result = await self._add(
                 keys=[
-                    k.agent(agent.agent_id),
-                    k.agent_sessions(agent.agent_id),
+                    k.agent(a),
+                    k.agent_sessions(a),
                     k.server_sessions(server_id),
                     k.agents,
                     k.servers,
+                    k.mailbox(a),
+                    k.broadcast_log,
                 ],
                 args=[
                     session_id,
+                    f"{server_id} {instance_id}",
+                    a,
+                    json.dumps(list(agent.capabilities)),
+                    json.dumps(dict(agent.metadata)),
+                    _now_ms(),
                     server_id,
-                    agent.agent_id,
+                ],
+            )
+        return bool(result)
+
+    async def register(self, agent: AgentRecord) -> None:
+        k = self._keys
+        a = agent.agent_id
+        with unavailable_on_redis_error("registering the agent"):
+            await self._register(
+                keys=[k.agent(a), k.agents, k.mailbox(a), k.broadcast_log],
+                args=[
+                    a,
                     json.dumps(list(agent.capabilities)),
                     json.dumps(dict(agent.metadata)),
                     _now_ms(),
                 ],
             )
-        return bool(result)
+
+    async def is_known(self, agent_id: str) -> bool:
+        with unavailable_on_redis_error("looking up the agent"):
+            return bool(await _wait(self._redis.sismember(self._keys.agents, agent_id)))
 
     async def remove_session(self, agent_id: str, session_id: str, server_id: str) -> bool:
         k = self._keys
@@ -93,9 +145,20 @@ class RedisPresence:
         return bool(result)
 
     async def sessions_of(self, agent_id: str) -> dict[str, str]:
+        """session id -> server id."""
+        return {s: server for s, (server, _) in (await self._sessions(agent_id)).items()}
+
+    async def live_instances(self, agent_id: str) -> set[str]:
+        return {instance for _, instance in (await self._sessions(agent_id)).values()}
+
+    async def _sessions(self, agent_id: str) -> dict[str, tuple[str, str]]:
         with unavailable_on_redis_error("looking up the agent's sessions"):
             raw = await _wait(self._redis.hgetall(self._keys.agent_sessions(agent_id)))
-        return {_text(s): _text(v) for s, v in raw.items()}
+        found = {}
+        for session, value in raw.items():
+            server, _, instance = _text(value).partition(" ")
+            found[_text(session)] = (server, instance)
+        return found
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo | None:
         found = await self._load([agent_id])
@@ -160,12 +223,15 @@ class RedisPresence:
                 for agent_id in agent_ids:
                     pipe.hgetall(k.agent(agent_id))
                     pipe.hlen(k.agent_sessions(agent_id))
+                    pipe.xlen(k.mailbox(agent_id))
                 results = await pipe.execute()
         agents = []
         for index, agent_id in enumerate(agent_ids):
-            fields, sessions = results[2 * index], results[2 * index + 1]
+            fields, sessions, pending = results[3 * index : 3 * index + 3]
             if fields:
-                agents.append(_agent_info(agent_id, fields, int(sessions)))
+                info = _agent_info(agent_id, fields, int(sessions))
+                info.pending = int(pending)
+                agents.append(info)
         return agents
 
 

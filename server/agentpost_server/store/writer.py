@@ -1,0 +1,168 @@
+"""The ordered, batching writer every outbound Redis write of the hot path goes through.
+
+Callers queue commands without awaiting; one flusher sends everything queued as ONE pipeline on
+one connection, one batch at a time, so commands run in call order and under load many share a
+round trip. Scripts (mailbox appends) run first, in order; then PUBLISHes, grouped per channel
+(each channel's frames concatenated, in order, into as few messages as the size caps allow) —
+so a wake-up is never published before the write it announces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
+
+from agentpost.errors import UnavailableError
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS_PER_PUBLISH = 500
+MAX_BYTES_PER_PUBLISH = 1 << 20
+
+
+@dataclass(slots=True)
+class _Script:
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+    future: asyncio.Future[Any]
+
+
+class PipelineWriter:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._scripts: list[_Script] = []
+        self._publishes: list[tuple[str, bytes]] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._flush_loop(), name="redis-writer")
+
+    async def close(self) -> None:
+        """Send what is queued (briefly), then stop."""
+        pending = self._batch
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(pending)
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail(self._batch, self._scripts, UnavailableError("the server is stopping"))
+
+    def publish(self, channel: str, frame: bytes) -> asyncio.Future[None]:
+        """Queue a PUBLISH of `frame` (frames to one channel are concatenated in order). The
+        future, shared by the batch, resolves once Redis took the batch."""
+        self._publishes.append((channel, frame))
+        return self._batch_future()
+
+    def run_script(
+        self, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> asyncio.Future[Any]:
+        """Queue a script call; its own future resolves with its result."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._scripts.append(_Script(script, keys, args, future))
+        self._batch_future()
+        return future
+
+    def batch(self) -> asyncio.Future[None]:
+        """The future of the batch being filled now (a new one if none is)."""
+        return self._batch_future()
+
+    def _batch_future(self) -> asyncio.Future[None]:
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        return self._batch
+
+    async def _flush_loop(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._batch is not None:
+                batch, scripts, publishes = self._batch, self._scripts, self._publishes
+                self._batch, self._scripts, self._publishes = None, [], []
+                try:
+                    results = await self._send(scripts, publishes)
+                except (RedisError, OSError) as exc:
+                    log.warning("redis write failed: %s", exc)
+                    self._fail(
+                        batch,
+                        scripts,
+                        UnavailableError("storage is unavailable (write failed); retry later"),
+                    )
+                    continue
+                except BaseException:
+                    self._fail(batch, scripts, UnavailableError("the server is stopping"))
+                    raise
+                retry: list[_Script] = []
+                for item, result in zip(scripts, results, strict=False):
+                    if item.future.done():
+                        continue
+                    if isinstance(result, NoScriptError):
+                        retry.append(item)
+                    elif isinstance(result, Exception):
+                        log.warning("redis script failed: %s", result)
+                        item.future.set_exception(
+                            UnavailableError("storage refused the write; retry later")
+                        )
+                    else:
+                        item.future.set_result(result)
+                if retry:
+                    await self._requeue(retry)
+                if not batch.done():
+                    batch.set_result(None)
+
+    async def _requeue(self, items: list[_Script]) -> None:
+        try:
+            for script in {id(i.script): i.script for i in items}.values():
+                script.sha = await self._redis.script_load(script.script)
+        except (RedisError, OSError):
+            self._fail(None, items, UnavailableError("storage is unavailable; retry later"))
+            return
+        self._scripts[:0] = items
+        self._batch_future()
+
+    async def _send(self, scripts: list[_Script], publishes: list[tuple[str, bytes]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for item in scripts:
+                # EVALSHA without redis-py's per-execute SCRIPT EXISTS check; a NOSCRIPT
+                # answer (Redis restarted) reloads the script and retries the call.
+                pipe.evalsha(item.script.sha, len(item.keys), *item.keys, *item.args)
+            by_channel: dict[str, list[bytes]] = {}
+            for channel, frame in publishes:
+                by_channel.setdefault(channel, []).append(frame)
+            for channel, frames in by_channel.items():
+                chunk: list[bytes] = []
+                size = 0
+                for frame in frames:
+                    full = len(chunk) >= MAX_ITEMS_PER_PUBLISH
+                    if chunk and (full or size + len(frame) > MAX_BYTES_PER_PUBLISH):
+                        pipe.publish(channel, b"".join(chunk))
+                        chunk, size = [], 0
+                    chunk.append(frame)
+                    size += len(frame)
+                pipe.publish(channel, b"".join(chunk))
+            return list(await pipe.execute(raise_on_error=False))
+
+    @staticmethod
+    def _fail(
+        batch: asyncio.Future[None] | None, scripts: list[_Script], error: UnavailableError
+    ) -> None:
+        for item in scripts:
+            if not item.future.done():
+                item.future.set_exception(error)
+        if batch is not None and not batch.done():
+            batch.set_exception(error)

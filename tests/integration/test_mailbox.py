@@ -1,0 +1,140 @@
+"""Durable mailboxes at the wire level: held while away, delivered in order with delivery ids,
+acknowledged once, redelivered to the same instance, bounded by the window, expired to the dead
+letters, idempotent sends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from agentpost.v1 import envelope_pb2, messaging_pb2, messaging_pb2_grpc
+from tests.helpers import assert_eventually
+from tests.integration.raw import RawAgent
+
+
+@pytest.fixture
+async def stub(target: str):
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield messaging_pb2_grpc.AgentMessagingStub(channel)
+
+
+def text(n: int | str) -> envelope_pb2.Payload:
+    return envelope_pb2.Payload(json={"string_value": str(n)})
+
+
+async def send(stub, to: str, n: int | str, **extra: object) -> str:
+    reply = await stub.Send(messaging_pb2.SendRequest(to=to, payload=text(n), **extra))
+    return reply.message_id
+
+
+async def test_unknown_agents_are_refused_and_registered_ones_hold_messages(stub, target):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await send(stub, "typo", 1)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await stub.RegisterAgent(
+        messaging_pb2.RegisterAgentRequest(agent_id="later", capabilities=["x"])
+    )
+    ids = [await send(stub, "later", n) for n in range(5)]
+    box = await stub.GetMailbox(messaging_pb2.GetMailboxRequest(agent_id="later"))
+    assert box.depth == 5 and box.unacknowledged == 0 and box.HasField("oldest_at")
+    async with RawAgent(target, "later") as agent:
+        await assert_eventually(lambda: len(agent.deliveries()) == 5)
+        assert [e.delivery.id for e in agent.deliveries()] == ids
+        assert all(e.delivery_id.startswith("m:") for e in agent.deliveries())
+        await agent.ack(*(e.delivery_id for e in agent.deliveries()))
+
+        async def empty() -> bool:
+            box = await stub.GetMailbox(messaging_pb2.GetMailboxRequest(agent_id="later"))
+            return box.depth == 0
+
+        await assert_eventually(empty)
+
+
+async def test_unacknowledged_deliveries_come_again_to_the_same_instance_in_order(stub, target):
+    await stub.RegisterAgent(messaging_pb2.RegisterAgentRequest(agent_id="resumer"))
+    ids = [await send(stub, "resumer", n) for n in range(10)]
+    async with RawAgent(target, "resumer", instance_id="inst-1") as first:
+        await assert_eventually(lambda: len(first.deliveries()) == 10)
+        await first.ack(*(e.delivery_id for e in first.deliveries()[:4]))
+        await asyncio.sleep(0.2)
+    ids += [await send(stub, "resumer", n) for n in range(10, 13)]
+    async with RawAgent(target, "resumer", instance_id="inst-1") as second:
+        await assert_eventually(lambda: len(second.deliveries()) == 9)
+        got = second.deliveries()
+        assert [e.delivery.id for e in got] == ids[4:]
+        assert [e.redeliveries > 0 for e in got] == [True] * 6 + [False] * 3
+
+
+async def test_a_new_instance_adopts_what_a_departed_one_left(stub, target):
+    await stub.RegisterAgent(messaging_pb2.RegisterAgentRequest(agent_id="worker"))
+    ids = [await send(stub, "worker", n) for n in range(6)]
+    async with RawAgent(target, "worker", instance_id="a") as first:
+        await assert_eventually(lambda: len(first.deliveries()) == 6)
+    async with RawAgent(target, "worker", instance_id="b") as second:
+        await assert_eventually(lambda: len(second.deliveries()) == 6)
+        assert [e.delivery.id for e in second.deliveries()] == ids
+
+
+async def test_the_window_bounds_unacknowledged_deliveries(stub, target):
+    await stub.RegisterAgent(messaging_pb2.RegisterAgentRequest(agent_id="slow"))
+    for n in range(30):
+        await send(stub, "slow", n)
+    async with RawAgent(target, "slow", max_unacked=10) as agent:
+        assert agent.welcome is not None and agent.welcome.max_unacked == 10
+        await assert_eventually(lambda: len(agent.deliveries()) == 10)
+        await asyncio.sleep(0.2)
+        assert len(agent.deliveries()) == 10  # nothing beyond the window
+        await agent.ack(*(e.delivery_id for e in agent.deliveries()))
+        await assert_eventually(lambda: len(agent.deliveries()) == 20)
+
+
+async def test_a_repeated_idempotency_key_stores_once(stub, target):
+    await stub.RegisterAgent(messaging_pb2.RegisterAgentRequest(agent_id="once"))
+    first = await send(stub, "once", "a", idempotency_key="k-1")
+    again = await send(stub, "once", "a", idempotency_key="k-1")
+    other = await send(stub, "once", "b", idempotency_key="k-2")
+    assert first == again != other
+    box = await stub.GetMailbox(messaging_pb2.GetMailboxRequest(agent_id="once"))
+    assert box.depth == 2
+
+
+async def test_expired_messages_go_to_the_dead_letters(stub, target):
+    await stub.RegisterAgent(messaging_pb2.RegisterAgentRequest(agent_id="away"))
+    expired = await send(stub, "away", "stale", ttl={"nanos": 100_000_000})
+    kept = await send(stub, "away", "fresh")
+    await asyncio.sleep(0.3)
+    async with RawAgent(target, "away") as agent:
+        await assert_eventually(lambda: len(agent.deliveries()) == 1)
+        assert agent.deliveries()[0].delivery.id == kept
+    letters = await stub.ListDeadLetters(messaging_pb2.ListDeadLettersRequest(agent_id="away"))
+    assert [(d.envelope.id, d.reason) for d in letters.dead_letters] == [(expired, "ttl expired")]
+    box = await stub.GetMailbox(messaging_pb2.GetMailboxRequest(agent_id="away"))
+    assert box.dead_lettered == 1
+
+
+async def test_a_full_mailbox_moves_its_oldest_to_the_dead_letters(start_server):
+    app = await start_server(mailbox_max_messages=3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = messaging_pb2_grpc.AgentMessagingStub(channel)
+        await stub.RegisterAgent(messaging_pb2.RegisterAgentRequest(agent_id="full"))
+        ids = [await send(stub, "full", n) for n in range(5)]
+        letters = await stub.ListDeadLetters(messaging_pb2.ListDeadLettersRequest(agent_id="full"))
+        assert [d.envelope.id for d in letters.dead_letters] == [ids[1], ids[0]]
+        assert {d.reason for d in letters.dead_letters} == {"mailbox full"}
+
+
+async def test_broadcasts_missed_while_away_arrive_on_reconnect(stub, target):
+    async with RawAgent(target, "napper"):
+        pass
+    for n in range(3):
+        await stub.Publish(messaging_pb2.PublishRequest(broadcast={}, payload=text(n)))
+    async with RawAgent(target, "napper") as agent:
+        await assert_eventually(lambda: len(agent.deliveries()) == 3)
+        assert [e.delivery.payload.json.string_value for e in agent.deliveries()] == ["0", "1", "2"]
+        await agent.ack(*(e.delivery_id for e in agent.deliveries()))
+        await asyncio.sleep(0.2)
+    async with RawAgent(target, "napper") as agent:
+        await asyncio.sleep(0.3)
+        assert agent.deliveries() == []  # acknowledged: not again
