@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,7 +19,6 @@ from google.protobuf import duration_pb2, struct_pb2
 from agentpost._status import to_error_proto
 from agentpost.errors import (
     AgentNotFoundError,
-    AgentOfflineError,
     AgentpostError,
     InvalidArgumentError,
     NoResponderError,
@@ -32,7 +30,7 @@ from agentpost.errors import (
 from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2
 from agentpost_server.bus.v1 import bus_pb2
 from agentpost_server.core import events, names, pump
-from agentpost_server.core.ids import UlidFactory, new_instance_id, new_session_id
+from agentpost_server.core.ids import UlidFactory, new_instance_id
 from agentpost_server.core.limits import Limits
 from agentpost_server.core.ports import (
     AgentRecord,
@@ -44,9 +42,9 @@ from agentpost_server.core.ports import (
     PresenceStore,
 )
 from agentpost_server.core.pump import MailboxPump
+from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
-from agentpost_server.core.topics import TopicIndex
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +71,7 @@ class Hub:
         self.mailboxes = mailboxes
         self._broadcasts = broadcasts
         self._ids = UlidFactory()
-        self._sessions: dict[str, LocalSession] = {}
-        self._local_agents: dict[str, set[LocalSession]] = {}
-        self._topics: TopicIndex[LocalSession] = TopicIndex()
-        self._cache: dict[str, dict[str, str]] = {}  # agent id -> {session id: server id}
+        self.registry = SessionRegistry(server_id, presence, limits)
         self.requests = PendingRequests()
         self.accepting = True
         self._heartbeats = 0
@@ -106,7 +101,7 @@ class Hub:
                 "max_unacked must not be negative", metadata={"field": "max_unacked"}
             )
         window = min(intro.max_unacked or self.limits.default_window, self.limits.max_window)
-        session = self._new_session(
+        session = self.registry.new_session(
             agent_id,
             registered=True,
             capabilities=capabilities,
@@ -120,7 +115,7 @@ class Hub:
                 record, session.id, self.server_id, instance_id
             )
         except BaseException:
-            self._forget(session)
+            self.registry.forget(session)
             raise
         session.pump = MailboxPump(
             session,
@@ -133,7 +128,7 @@ class Hub:
         try:
             await session.pump.prepare()
         except BaseException:
-            self._forget(session)
+            self.registry.forget(session)
             await self._presence.remove_session(agent_id, session.id, self.server_id)
             raise
         await self._bus.announce(PresenceChange(agent_id, session.id, self.server_id, True))
@@ -156,7 +151,7 @@ class Hub:
             raise InvalidArgumentError(
                 "subscribe to at least one topic or to broadcasts", metadata={"field": "topics"}
             )
-        session = self._new_session(identity, registered=False, broadcasts=broadcasts)
+        session = self.registry.new_session(identity, registered=False, broadcasts=broadcasts)
         self.subscribe(session, checked)
         return session
 
@@ -177,9 +172,8 @@ class Hub:
     ) -> None:
         """Forget a session (idempotent): fail what waits on it, and update presence."""
         session.close(error)
-        if self._sessions.pop(session.id, None) is None:
+        if not self.registry.forget(session):
             return
-        self._forget(session)
         for message_id in list(session.outgoing_requests):
             self.requests.cancel(message_id)
         if session.pump is not None:
@@ -205,28 +199,22 @@ class Hub:
             self._system_event(events.agent_offline(session.agent_id))
 
     def subscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
-        for pattern in patterns:
-            if pattern in session.subscriptions:
-                continue
-            if len(session.subscriptions) >= self.limits.max_subscriptions:
-                raise InvalidArgumentError(
-                    f"a session may hold at most {self.limits.max_subscriptions} subscriptions",
-                    metadata={"field": "patterns", "limit": str(self.limits.max_subscriptions)},
-                )
-            session.subscriptions.add(pattern)
-            self._topics.add(session, pattern)
+        self.registry.subscribe(session, patterns)
 
     def unsubscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
-        for pattern in patterns:
-            if pattern in session.subscriptions:
-                session.subscriptions.discard(pattern)
-                self._topics.remove(session, pattern)
+        self.registry.unsubscribe(session, patterns)
 
     def local_sessions(self) -> list[LocalSession]:
-        return list(self._sessions.values())
+        return list(self.registry.sessions.values())
 
     def local_agent_ids(self) -> list[str]:
-        return list(self._local_agents)
+        return list(self.registry.by_agent)
+
+    def on_presence(self, change: PresenceChange) -> None:
+        self.registry.on_presence(change)
+
+    def on_bus_reset(self) -> None:
+        self.registry.on_bus_reset()
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo:
         names.check_agent_id(agent_id)
@@ -355,7 +343,7 @@ class Hub:
         to = names.check_agent_id(to, "to")
         seconds = self._timeout(reply_within)
         envelope = self._envelope(sender, Kind.MESSAGE_KIND_REQUEST, payload, headers, agent=to)
-        session_id, server_id = await self._pick(to, sender, NoResponderError)
+        session_id, server_id = await self.registry.pick(to, sender, NoResponderError)
         deadline_ms = time.time_ns() // 1_000_000 + int(seconds * 1000)
         reply_to = session.id if session is not None else "call"
         routed = bus_pb2.Routed(
@@ -400,13 +388,13 @@ class Hub:
                 self._on_addressed(item)
         elif lane is Lane.WAKE:
             for agent_id in batch.wake:
-                for session in self._local_agents.get(agent_id, ()):
+                for session in self.registry.by_agent.get(agent_id, ()):
                     if session.pump is not None:
                         session.pump.wake()
         elif lane is Lane.TOPICS:
             for item in batch.items:
                 envelope = item.envelope
-                for session in self._topics.match(envelope.recipient.topic):
+                for session in self.registry.topics.match(envelope.recipient.topic):
                     if item.include_self or not _is_own(session, envelope.sender):
                         session.deliver(envelope)
         else:
@@ -416,7 +404,7 @@ class Hub:
                     delivery=envelope, delivery_id=pump.BROADCAST + item.log_id
                 )
                 plain = messaging_pb2.ServerEvent(delivery=envelope)
-                for session in self._sessions.values():
+                for session in self.registry.sessions.values():
                     if not session.broadcasts or (
                         not item.include_self and _is_own(session, envelope.sender)
                     ):
@@ -425,28 +413,6 @@ class Hub:
                         session.push(plain)
                     elif session.pump.live_broadcast(item.log_id):
                         session.push(logged)
-
-    def on_presence(self, change: PresenceChange) -> None:
-        if not change.added:  # a fellow instance left: take over what it had not acknowledged
-            for session in self._local_agents.get(change.agent_id, ()):
-                if session.pump is not None and session.id != change.session_id:
-                    session.pump.adopt_soon()
-        if change.server_id == self.server_id:
-            return
-        known = self._cache.get(change.agent_id)
-        if known is None:
-            return  # not cached: the next lookup reads the whole set from storage
-        if change.added:
-            known[change.session_id] = change.server_id
-        else:
-            known.pop(change.session_id, None)
-            if not known:
-                del self._cache[change.agent_id]
-
-    def on_bus_reset(self) -> None:
-        self._cache.clear()
-        for agent_id, sessions in self._local_agents.items():
-            self._cache[agent_id] = {s.id: self.server_id for s in sessions}
 
     # ---- upkeep -----------------------------------------------------------------------------
 
@@ -504,9 +470,9 @@ class Hub:
         if envelope.kind == Kind.MESSAGE_KIND_REPLY:
             self.requests.resolve(envelope, item.reply_operation)
             return
-        session = self._sessions.get(item.target_session)
+        session = self.registry.sessions.get(item.target_session)
         if session is None or session.closed:
-            session = self._any_local_session(envelope.recipient.agent_id)
+            session = self.registry.any_local_session(envelope.recipient.agent_id)
         if envelope.kind == Kind.MESSAGE_KIND_REQUEST:
             inbound = InboundRequest(
                 envelope.sender,
@@ -530,12 +496,6 @@ class Hub:
             )
             return
         session.deliver(envelope)
-
-    def _any_local_session(self, agent_id: str) -> LocalSession | None:
-        for session in self._local_agents.get(agent_id, ()):
-            if not session.closed:
-                return session
-        return None
 
     def _send_reply(
         self,
@@ -616,23 +576,6 @@ class Hub:
             )
         return envelope
 
-    async def _pick(
-        self, to: str, sender: str, missing: type[AgentOfflineError]
-    ) -> tuple[str, str]:
-        """One live session of `to` (sticky per sender, so a sender's messages stay in order)."""
-        sessions = self._cache.get(to)
-        if not sessions:
-            sessions = await self._presence.sessions_of(to)
-            if sessions:
-                self._cache[to] = sessions
-        if not sessions:
-            raise missing(f"agent {to!r} is not connected", metadata={"agent_id": to})
-        if len(sessions) == 1:
-            return next(iter(sessions.items()))
-        ordered = sorted(sessions)
-        chosen = ordered[zlib.crc32(sender.encode()) % len(ordered)]
-        return chosen, sessions[chosen]
-
     def _timeout(self, timeout: duration_pb2.Duration | float | None) -> float:
         if isinstance(timeout, duration_pb2.Duration):
             seconds = timeout.ToNanoseconds() / 1e9 if timeout.ByteSize() else 0.0
@@ -645,33 +588,6 @@ class Hub:
         if seconds == 0:
             return self.limits.default_request_timeout
         return min(seconds, self.limits.max_request_timeout)
-
-    def _new_session(self, agent_id: str, **kwargs: object) -> LocalSession:
-        session = LocalSession(
-            id=new_session_id(),
-            agent_id=agent_id,
-            max_buffered=self.limits.max_buffered_events,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        self._sessions[session.id] = session
-        if session.registered:
-            self._local_agents.setdefault(agent_id, set()).add(session)
-            self._cache.setdefault(agent_id, {})[session.id] = self.server_id
-        return session
-
-    def _forget(self, session: LocalSession) -> None:
-        self._sessions.pop(session.id, None)
-        self.unsubscribe(session, list(session.subscriptions))
-        local = self._local_agents.get(session.agent_id)
-        if local is not None and session.registered:
-            local.discard(session)
-            if not local:
-                del self._local_agents[session.agent_id]
-            cached = self._cache.get(session.agent_id)
-            if cached is not None:
-                cached.pop(session.id, None)
-                if not cached:
-                    del self._cache[session.agent_id]
 
     def _check_accepting(self) -> None:
         if not self.accepting:
