@@ -12,7 +12,7 @@ error is an `AgentpostError` (see `agentpost.errors` for the tree).
 
 from agentpost.agent import Agent, AgentConnector, RequestHandler, connect
 from agentpost.client import Client, Presence
-from agentpost.config import ConnectOptions
+from agentpost.config import AckMode, ConnectOptions
 from agentpost.errors import (
     AgentNotFoundError,
     AgentOfflineError,
@@ -32,11 +32,13 @@ from agentpost.errors import (
     UnavailableError,
     UnknownRequestError,
 )
+from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message, MessageKind
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AckMode",
     "Agent",
     "AgentConnector",
     "AgentInfo",
@@ -46,11 +48,13 @@ __all__ = [
     "Client",
     "ConnectOptions",
     "ConnectionLostError",
+    "DeadLetter",
     "HandlerError",
     "InternalError",
     "InvalidAgentIdError",
     "InvalidArgumentError",
     "InvalidTopicError",
+    "MailboxInfo",
     "Message",
     "MessageKind",
     "NoResponderError",

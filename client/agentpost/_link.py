@@ -4,6 +4,10 @@ operations and hands deliveries on, and the watchdog (keep-alives, a silent serv
 Operations travel pre-serialized: the caller serializes its `ClientOperation` once and the writer
 joins every operation queued at that moment into ONE `ConnectRequest` frame (field 1 repeated,
 so the frame is the concatenation of `tag + length + operation`), without copying messages.
+Acknowledgements are not queued one by one: at every write the writer asks the session for
+the delivery ids waiting (`TakeAcks`) and adds them to the frame as one `Acknowledge`. The
+writer never waits for the reader, so acknowledgements go out while the reader is blocked on
+a full inbox.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ MAX_FRAME_BYTES = 1024 * 1024
 DEFAULT_KEEPALIVE = 10.0
 _OPERATIONS_TAG = 0x0A  # ConnectRequest.operations: field 1, length-delimited
 
-Deliver = Callable[["Link", envelope_pb2.Envelope], Awaitable[None]]
+#: Hands a `delivery` event on (the session's inbox or a request handler).
+Deliver = Callable[["Link", messaging_pb2.ServerEvent], Awaitable[None]]
+#: The framed `Acknowledge` for the delivery ids waiting now, or None when there are none.
+TakeAcks = Callable[["Link"], bytes | None]
 
 
 def frame_piece(operation: bytes) -> bytes:
@@ -126,6 +133,7 @@ class Link:
         *,
         backlog: Sequence[messaging_pb2.ServerEvent] = (),
         drain_timeout: float = 30.0,
+        take_acks: TakeAcks | None = None,
     ) -> None:
         self.welcome = welcome
         self.state = LinkState.OPEN
@@ -141,6 +149,7 @@ class Link:
         self.keepalive_interval = interval if interval > 0 else DEFAULT_KEEPALIVE
         self._call = call
         self._deliver = deliver
+        self._take_acks = take_acks
         self._backlog = list(backlog)
         self._drain_timeout = drain_timeout
         self._pieces: list[bytes] = []
@@ -151,6 +160,8 @@ class Link:
         self._busy = False  # the reader waits for a consumer: not a silent server
         self._drain_deadline: float | None = None
         self._close_reason: AgentpostError | None = None
+        self._finishing = False  # the writer half-closes the stream once it has nothing left
+        self._closed = asyncio.Event()
 
     @property
     def session_id(self) -> str:
@@ -162,6 +173,20 @@ class Link:
         self._queued_bytes += len(piece)
         if len(self._pieces) == 1:
             self._wake.set()
+
+    def wake(self) -> None:
+        """Have the writer look for acknowledgements to send."""
+        self._wake.set()
+
+    async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 (a grace period, not a call)
+        """Say goodbye: write what is queued (acknowledgements too), half-close the stream, and
+        wait up to `timeout` for the server to end it, so that nothing written is lost to a
+        cancellation. The link is CLOSED afterwards only if the server ended it in time."""
+        self._finishing = True
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._closed.wait()
 
     async def run(self) -> AgentpostError:
         """Read, write and watch until the stream ends; fail what is in flight; return why."""
@@ -182,6 +207,7 @@ class Link:
     def _shut(self, error: ConnectionLostError) -> None:
         self.state = LinkState.CLOSED
         self.unusable.set()
+        self._closed.set()
         self._call.cancel()
         self._pieces.clear()
         accepts, replies = self.accepts, self.replies
@@ -195,8 +221,13 @@ class Link:
 
     async def _write_loop(self) -> None:
         write = self._call.write
+        take_acks = self._take_acks
         while True:
-            if not self._pieces:
+            acks = take_acks(self) if take_acks is not None else None
+            if not self._pieces and acks is None:
+                if self._finishing:
+                    await self._done_writing()
+                    return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -204,6 +235,8 @@ class Link:
                 batch, self._pieces, self._queued_bytes = self._pieces, [], 0
             else:
                 batch = self._take(MAX_FRAME_BYTES)
+            if acks is not None:
+                batch.append(acks)
             self._last_write = self._loop.time()
             try:
                 await write(b"".join(batch))
@@ -211,6 +244,14 @@ class Link:
                 raise StreamEnded(self._close_reason or _status.from_rpc_error(exc)) from None
             except asyncio.InvalidStateError:
                 raise StreamEnded(self._ended()) from None
+
+    async def _done_writing(self) -> None:
+        try:
+            await self._call.done_writing()
+        except grpc.RpcError as exc:
+            raise StreamEnded(self._close_reason or _status.from_rpc_error(exc)) from None
+        except asyncio.InvalidStateError:
+            raise StreamEnded(self._ended()) from None
 
     def _take(self, limit: int) -> list[bytes]:
         total = count = 0
@@ -244,7 +285,7 @@ class Link:
             which = event.WhichOneof("event")
             if which == "delivery":
                 self._busy = True
-                await self._deliver(self, event.delivery)
+                await self._deliver(self, event)
                 self._busy = False
                 self._last_read = self._loop.time()
             elif which == "accepted":
@@ -278,8 +319,12 @@ class Link:
                 accepted.set_exception(exc)
             return
         reply = self.replies.pop(operation_id, None)
-        if reply is not None and not reply.done():
-            reply.set_exception(exc)
+        if reply is not None:
+            if not reply.done():
+                reply.set_exception(exc)
+            return
+        # Nobody waits for this one: an acknowledgement the server refused, for example.
+        logger.warning("the server refused operation %s: %s", operation_id, exc.message)
 
     def _on_going_away(self, reason: str) -> None:
         logger.info("the server is going away: %s", reason or "no reason given")
@@ -297,7 +342,7 @@ class Link:
             now = self._loop.time()
             if not self._busy and now - self._last_read > 3 * interval:
                 raise StreamEnded(ConnectionLostError("the server stopped answering"))
-            if now - self._last_write >= interval and not self._pieces:
+            if now - self._last_write >= interval and not self._pieces and not self._finishing:
                 self.submit(_KEEP_ALIVE)
             if self._drain_deadline is not None and now >= self._drain_deadline:
                 raise StreamEnded(self._ended())

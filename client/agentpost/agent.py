@@ -5,18 +5,27 @@ async with agentpost.connect("127.0.0.1:50051", agent_id="planner") as agent:
     reply = await agent.request("coder", {"q": 1}, timeout=5.0)
     async for message in agent.messages():
         ...
+
+Delivery is exactly once to the application, for messages it finished handling: the server
+delivers at least once (until acknowledged), and the SDK drops duplicates by message id. Each
+message from `messages()` is acknowledged after the loop body ran (`ConnectOptions.ack_mode`),
+and the agent's instance id lets a reconnected (or, with `ConnectOptions.state_path`, a
+restarted) agent take over what it had not acknowledged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import math
+import uuid
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from agentpost import _status
 from agentpost.config import ConnectOptions
-from agentpost.errors import InvalidArgumentError
+from agentpost.errors import InvalidArgumentError, UnavailableError
 from agentpost.message import Message
 from agentpost.payload import fill_payload, fill_struct
 from agentpost.session import RequestHandler, Session
@@ -88,7 +97,7 @@ class AgentConnector:
     ) -> None:
         agent, self._agent = self._agent, None
         if agent is not None:
-            await agent.close()
+            await agent._close(abort=exc_type is not None)
 
 
 class Agent:
@@ -123,8 +132,18 @@ class Agent:
         return self._session.welcome.keepalive_interval.ToTimedelta()
 
     @property
+    def instance_id(self) -> str:
+        """Names this instance across reconnects (and restarts, with `state_path`)."""
+        return self._session.instance_id
+
+    @property
+    def max_unacked(self) -> int:
+        """The flow-control window the server applies (0: not announced)."""
+        return self._session.welcome.max_unacked
+
+    @property
     def subscriptions(self) -> frozenset[str]:
-        """The topic patterns this agent receives (restored after a reconnection)."""
+        """The live topic patterns this agent receives (restored after a reconnection)."""
         return frozenset(self._session.subscriptions)
 
     # ----------------------------------------------------------------- sending
@@ -136,10 +155,21 @@ class Agent:
         *,
         headers: Mapping[str, str] | None = None,
         content_type: str | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Send a direct message to agent `to`; the message id.
 
-        Raises `AgentOfflineError` if `to` has no connected session (nothing was sent).
+        The server keeps it in `to`'s mailbox until `to` acknowledges it, so `to` need not be
+        connected; raises `AgentNotFoundError` if no agent `to` is known (connected once, or
+        registered). With `ttl` (seconds), the message goes to the dead letters if it is not
+        delivered in time.
+
+        Every send carries an `idempotency_key` (a new one when not given): if the connection
+        is lost before the answer, the send is repeated with the same key on the next stream,
+        until `connect_timeout`, and the server stores the message only once. So this returns
+        the id of a message stored exactly once, or raises; if it raises `UnavailableError`,
+        `error.metadata["idempotency_key"]` is the key to retry with.
         """
         operation = messaging_pb2.ClientOperation()
         send = operation.send
@@ -147,7 +177,12 @@ class Agent:
         fill_payload(send.payload, payload, content_type=content_type)
         if headers:
             send.headers.update(headers)
-        return (await self._session.call(operation)).message_id
+        fill_send_options(send, ttl, idempotency_key)
+        try:
+            return (await self._session.call_retrying(operation)).message_id
+        except UnavailableError as exc:
+            exc.metadata.setdefault("idempotency_key", send.idempotency_key)
+            raise
 
     async def publish(
         self,
@@ -225,15 +260,28 @@ class Agent:
 
     # ----------------------------------------------------------------- topics
 
-    async def subscribe(self, *patterns: str) -> None:
-        """Receive topics matching these patterns (`*` one token, `>` the rest)."""
-        if patterns:
-            await self._session.subscribe(patterns)
+    async def subscribe(self, *patterns: str, durable: str | None = None) -> None:
+        """Receive topics matching these patterns (`*` one token, `>` the rest).
 
-    async def unsubscribe(self, *patterns: str) -> None:
-        """Stop receiving these patterns (exactly as subscribed)."""
+        A live subscription lasts while the agent runs (it is restored after a reconnection).
+        A `durable` one is kept by the server under that name: it keeps its position while the
+        agent is away, every later session of the agent resumes it, and its messages must be
+        acknowledged like mailbox messages.
+        """
+        durable_name = _durable_name(durable)
         if patterns:
-            await self._session.unsubscribe(patterns)
+            await self._session.subscribe(patterns, durable_name)
+        elif durable_name:
+            raise InvalidArgumentError(
+                "a durable subscription needs patterns", metadata={"field": "patterns"}
+            )
+
+    async def unsubscribe(self, *patterns: str, durable: str | None = None) -> None:
+        """Stop receiving these live patterns (exactly as subscribed), and delete the
+        `durable` subscription of that name if one is given."""
+        durable_name = _durable_name(durable)
+        if patterns or durable_name:
+            await self._session.unsubscribe(patterns, durable_name)
 
     # ----------------------------------------------------------------- receiving
 
@@ -253,22 +301,53 @@ class Agent:
         self._session.handler = handler
 
     async def messages(self) -> AsyncIterator[Message]:
-        """Every delivery: direct, topic, broadcast, events (and requests, without a handler).
+        """Every delivery: direct, topic, broadcast, events (and requests, without a handler),
+        each message once, even when the server delivers it again.
+
+        With the default `ack_mode="after_handling"`, a message is acknowledged when the loop
+        asks for the next one, or when the loop is left (`break`, `aclose()`), or when the
+        agent is closed normally. It is not acknowledged, and comes again, if the task running
+        the loop is cancelled while handling it, or if an exception ends the
+        `async with connect(...)` block (an exception caught inside the block counts as
+        handled: use `ack_mode="manual"` and `message.ack()` to decide per message).
 
         Ends when the agent is closed; raises if the session is lost for good.
         """
-        next_message = self._session.next_message
-        while True:
-            message = await next_message()
-            if message is None:
-                return
-            yield message
+        inbox = self._session.inbox
+        after_handling = self._session.options.ack_mode == "after_handling"
+        held = ""
+        consumer = asyncio.current_task()
+        try:
+            while True:
+                if held:
+                    inbox.done(held)
+                    held = ""
+                message = await inbox.next()
+                if message is None:
+                    return
+                if after_handling and message.delivery_id:
+                    held = message.id
+                    inbox.hold(held)
+                consumer = asyncio.current_task()
+                yield message
+        finally:
+            if held:
+                if _cancelled(consumer):
+                    inbox.release(held)
+                else:
+                    inbox.done(held)
 
     # ----------------------------------------------------------------- lifecycle
 
     async def close(self) -> None:
-        """End the session (idempotent); pending operations fail with `ConnectionLostError`."""
-        await self._session.close()
+        """End the session (idempotent); pending operations fail with `ConnectionLostError`.
+
+        Acknowledgements due (and those of the messages `messages()` holds) are sent first.
+        """
+        await self._close(abort=False)
+
+    async def _close(self, *, abort: bool) -> None:
+        await self._session.close(abort=abort)
 
     async def __aenter__(self) -> Agent:
         return self
@@ -279,7 +358,40 @@ class Agent:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self._close(abort=exc_type is not None)
 
     def __repr__(self) -> str:
         return f"<Agent {self._agent_id!r} at {self._session.target}>"
+
+
+def fill_send_options(
+    send: messaging_pb2.SendMessage | messaging_pb2.SendRequest,
+    ttl: float | None,
+    idempotency_key: str | None,
+) -> None:
+    """Set a send's `ttl` (seconds) and its idempotency key (a new random one when None)."""
+    if ttl is not None:
+        if not (ttl > 0 and math.isfinite(ttl)):
+            raise InvalidArgumentError("ttl must be positive and finite", metadata={"field": "ttl"})
+        send.ttl.FromNanoseconds(int(ttl * 1e9))
+    if idempotency_key is not None and not idempotency_key:
+        raise InvalidArgumentError(
+            "idempotency_key must not be empty (None: a new one)",
+            metadata={"field": "idempotency_key"},
+        )
+    send.idempotency_key = idempotency_key or uuid.uuid4().hex
+
+
+def _durable_name(durable: str | None) -> str:
+    if durable is not None and not durable:
+        raise InvalidArgumentError(
+            "durable must be a name (None: a live subscription)", metadata={"field": "durable"}
+        )
+    return durable or ""
+
+
+def _cancelled(task: asyncio.Task[Any] | None) -> bool:
+    """Whether `task` was cancelled or is being cancelled."""
+    if task is None:
+        return False
+    return task.cancelled() if task.done() else task.cancelling() > 0

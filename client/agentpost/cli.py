@@ -5,6 +5,9 @@
     agentpost --as me request coder '{"q": 1}'        # prints the reply payload
     agentpost --as me listen --count 1                # one line per message
     agentpost agents --online                         # a table (or --json)
+    agentpost agents register coder --capability code # known before it first connects
+    agentpost mailbox coder                           # messages waiting for coder
+    agentpost deadletters --agent coder               # messages that expired undelivered
 
 Errors are one line on stderr and exit status 1 (2 for usage errors, 130 on Ctrl-C).
 """
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -24,7 +28,9 @@ from typing import Any, TypeVar
 
 from agentpost.agent import connect
 from agentpost.client import Client, Presence
-from agentpost.errors import AgentpostError
+from agentpost.config import ConnectOptions
+from agentpost.errors import AgentpostError, UnavailableError
+from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message
 
 __all__ = ["build_parser", "main"]
@@ -77,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     send = command("send", _send, "Send a direct message; prints its id.")
     send.add_argument("to", metavar="TO", help="the recipient agent id")
     _add_payload(send)
+    send.add_argument(
+        "--ttl", type=_positive, metavar="S", help="dead-letter it if not delivered within S s"
+    )
+    send.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        help="sending again with the same K stores the message once (default: a new key)",
+    )
+    send.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="give up after S seconds of trying while the server is unavailable (default 10)",
+    )
 
     publish = command("publish", _publish, "Publish on a topic, or to everyone; prints the id.")
     publish.add_argument(
@@ -101,11 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
 
-    agents = command("agents", _agents, "List the known agents.")
+    agents = command("agents", _agents, "List the known agents, or register one.")
     agents.add_argument("--capability", metavar="C", help="only agents with this capability")
     presence = agents.add_mutually_exclusive_group()
     presence.add_argument("--online", action="store_true", help="only connected agents")
     presence.add_argument("--offline", action="store_true", help="only disconnected agents")
+    agents_commands = agents.add_subparsers(title="commands", metavar="COMMAND")
+    register_help = "Make an agent id known before it connects, so messages to it are kept."
+    register = agents_commands.add_parser("register", help=register_help, description=register_help)
+    _add_globals(register, suppress=True)
+    register.set_defaults(command=_register)
+    register.add_argument("id", metavar="ID", help="the agent id")
+    register.add_argument(
+        "--capability",
+        dest="capabilities",
+        action="append",
+        default=[],
+        metavar="C",
+        help="what it can do (repeat)",
+    )
+
+    mailbox = command("mailbox", _mailbox, "Show how many messages wait for an agent.")
+    mailbox.add_argument("id", metavar="ID", help="the agent id")
+
+    dead = command("deadletters", _deadletters, "List messages that expired undelivered.")
+    dead.add_argument("--agent", metavar="ID", help="only those for this agent")
+    dead.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)"
+    )
     return parser
 
 
@@ -205,11 +249,25 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     payload = parse_payload(args.payload, raw=args.raw)
+    options = ConnectOptions(request_timeout=args.timeout)
 
     async def run(client: Client) -> str:
-        return await client.send(args.to, payload, headers=dict(args.header))
+        return await client.send(
+            args.to,
+            payload,
+            headers=dict(args.header),
+            ttl=args.ttl,
+            idempotency_key=args.idempotency_key,
+        )
 
-    return _print_id(args, _with_client(args, run))
+    try:
+        message_id = _with_client(args, run, options)
+    except UnavailableError as exc:
+        key = exc.metadata.get("idempotency_key")
+        if key is None:
+            raise
+        return _fail(f"{exc.message} (to retry safely: --idempotency-key {key})")
+    return _print_id(args, message_id)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -292,19 +350,79 @@ def _agents(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([agent_json(agent) for agent in agents], ensure_ascii=False))
         return 0
-    rows = [("ID", "ONLINE", "SESSIONS", "CAPABILITIES", "LAST SEEN")]
+    _print_agents(agents)
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> AgentInfo:
+        return await client.register_agent(args.id, capabilities=args.capabilities)
+
+    agent = _with_client(args, run)
+    if args.json:
+        print(json.dumps(agent_json(agent), ensure_ascii=False))
+    else:
+        _print_agents([agent])
+    return 0
+
+
+def _mailbox(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> MailboxInfo:
+        return await client.get_mailbox(args.id)
+
+    mailbox = _with_client(args, run)
+    if args.json:
+        print(json.dumps(mailbox_json(mailbox), ensure_ascii=False))
+        return 0
+    oldest = mailbox.oldest_at.isoformat(timespec="seconds") if mailbox.oldest_at else "-"
+    _print_table(
+        [
+            ("AGENT", "DEPTH", "UNACKED", "OLDEST", "DEAD LETTERS"),
+            (
+                mailbox.agent_id,
+                str(mailbox.depth),
+                str(mailbox.unacknowledged),
+                oldest,
+                str(mailbox.dead_lettered),
+            ),
+        ]
+    )
+    return 0
+
+
+def _deadletters(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> list[DeadLetter]:
+        return await client.list_dead_letters(agent_id=args.agent, limit=args.limit)
+
+    letters = _with_client(args, run)
+    if args.json:
+        print(json.dumps([dead_letter_json(letter) for letter in letters], ensure_ascii=False))
+        return 0
+    rows = [("DEAD AT", "ID", "SENDER", "TO", "REASON")]
+    for letter in letters:
+        message = letter.message
+        dead_at = letter.dead_at.isoformat(timespec="seconds") if letter.dead_at else "-"
+        rows.append((dead_at, message.id, message.sender, _target(message), letter.reason))
+    _print_table(rows)
+    return 0
+
+
+def _print_agents(agents: Sequence[AgentInfo]) -> None:
+    rows = [("ID", "ONLINE", "SESSIONS", "PENDING", "CAPABILITIES", "LAST SEEN")]
     for agent in agents:
         seen = agent.last_seen.isoformat(timespec="seconds") if agent.last_seen else "-"
         caps = ",".join(agent.capabilities) or "-"
-        rows.append(
-            (agent.agent_id, "yes" if agent.online else "no", str(agent.sessions), caps, seen)
-        )
+        online = "yes" if agent.online else "no"
+        rows.append((agent.agent_id, online, str(agent.sessions), str(agent.pending), caps, seen))
+    _print_table(rows)
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
-    return 0
 
 
 # ------------------------------------------------------------------------- output
@@ -333,7 +451,7 @@ def message_json(message: Message) -> dict[str, Any]:
 
 def message_line(message: Message) -> str:
     """One human line: time, sender -> target, kind, payload."""
-    target = message.to or (f"#{message.topic}" if message.topic else "*")
+    target = _target(message)
     if isinstance(message.payload, bytes):
         body = f"<{len(message.payload)} bytes {message.content_type}>"
     else:
@@ -342,25 +460,53 @@ def message_line(message: Message) -> str:
     return f"{stamp}  {message.sender} -> {target}  {message.kind}  {body}"
 
 
-def agent_json(agent: AgentInfo) -> dict[str, Any]:
-    def time(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
+def _target(message: Message) -> str:
+    return message.to or (f"#{message.topic}" if message.topic else "*")
 
+
+def _time(value: datetime.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def agent_json(agent: AgentInfo) -> dict[str, Any]:
     return {
         "agent_id": agent.agent_id,
         "capabilities": list(agent.capabilities),
         "metadata": agent.metadata,
         "online": agent.online,
         "sessions": agent.sessions,
-        "connected_since": time(agent.connected_since),
-        "last_seen": time(agent.last_seen),
-        "first_seen": time(agent.first_seen),
+        "connected_since": _time(agent.connected_since),
+        "last_seen": _time(agent.last_seen),
+        "first_seen": _time(agent.first_seen),
+        "pending": agent.pending,
     }
 
 
-def _with_client(args: argparse.Namespace, run: Callable[[Client], Coroutine[Any, Any, T]]) -> T:
+def mailbox_json(mailbox: MailboxInfo) -> dict[str, Any]:
+    return {
+        "agent_id": mailbox.agent_id,
+        "depth": mailbox.depth,
+        "unacknowledged": mailbox.unacknowledged,
+        "oldest_at": _time(mailbox.oldest_at),
+        "dead_lettered": mailbox.dead_lettered,
+    }
+
+
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "message": message_json(letter.message),
+        "reason": letter.reason,
+        "dead_at": _time(letter.dead_at),
+    }
+
+
+def _with_client(
+    args: argparse.Namespace,
+    run: Callable[[Client], Coroutine[Any, Any, T]],
+    options: ConnectOptions | None = None,
+) -> T:
     async def go() -> T:
-        async with Client(args.server, agent_id=args.agent_id) as client:
+        async with Client(args.server, agent_id=args.agent_id, options=options) as client:
             return await run(client)
 
     return asyncio.run(go())

@@ -8,17 +8,22 @@ async with agentpost.Client("127.0.0.1:50051", agent_id="script") as client:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping
+import asyncio
+import logging
+import random
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import grpc
 
 from agentpost import _status
+from agentpost.agent import fill_send_options
 from agentpost.config import ConnectOptions
-from agentpost.errors import InvalidArgumentError
+from agentpost.errors import InvalidArgumentError, UnavailableError
+from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message, agent_info_from_proto
-from agentpost.payload import fill_payload
+from agentpost.payload import fill_payload, fill_struct
 from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
 
 __all__ = ["AGENT_ID_METADATA", "Client", "Presence"]
@@ -33,7 +38,10 @@ _PRESENCE = {
     "offline": agents_pb2.PRESENCE_FILTER_OFFLINE,
 }
 _REQUEST_MARGIN = 1.0
+_MAX_DEAD_LETTERS = 1000
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class Client:
@@ -68,6 +76,24 @@ class Client:
         except grpc.RpcError as exc:
             raise _status.from_rpc_error(exc) from None
 
+    async def _call_retrying(self, invoke: Callable[[float], Awaitable[T]]) -> T:
+        """Call `invoke(timeout)` until it answers, again (with backoff) after every
+        `UnavailableError`, within `request_timeout` in all. Only for idempotent calls."""
+        options = self.options
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + options.request_timeout
+        backoff = options.reconnect_initial_backoff
+        while True:
+            try:
+                return await self._call(invoke(max(0.0, deadline - loop.time())))
+            except UnavailableError as exc:
+                delay = backoff * random.uniform(0.5, 1.5)
+                if loop.time() + delay >= deadline:
+                    raise
+                logger.info("calling again in %.2fs: %s", delay, exc.message)
+            await asyncio.sleep(delay)
+            backoff = min(backoff * 2, options.reconnect_max_backoff)
+
     async def send(
         self,
         to: str,
@@ -75,15 +101,31 @@ class Client:
         *,
         headers: Mapping[str, str] | None = None,
         content_type: str | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Send a direct message to a connected agent; the message id."""
+        """Send a direct message to agent `to` (kept in its mailbox until it acknowledges it);
+        the message id.
+
+        Raises `AgentNotFoundError` if no agent `to` is known. `ttl` and `idempotency_key` work
+        as in `Agent.send`: while the server is unavailable the send is repeated with the same
+        key, within `request_timeout`; a final `UnavailableError` carries the key in
+        `metadata["idempotency_key"]`.
+        """
         request = messaging_pb2.SendRequest(to=to)
         fill_payload(request.payload, payload, content_type=content_type)
         if headers:
             request.headers.update(headers)
+        fill_send_options(request, ttl, idempotency_key)
         stub = self._get_stub()
-        call = stub.Send(request, timeout=self.options.request_timeout, metadata=self._metadata)
-        return (await self._call(call)).message_id
+        try:
+            response = await self._call_retrying(
+                lambda timeout: stub.Send(request, timeout=timeout, metadata=self._metadata)
+            )
+        except UnavailableError as exc:
+            exc.metadata.setdefault("idempotency_key", request.idempotency_key)
+            raise
+        return response.message_id
 
     async def publish(
         self,
@@ -178,6 +220,56 @@ class Client:
         stub = self._get_stub()
         call = stub.GetAgent(request, timeout=self.options.request_timeout, metadata=self._metadata)
         return agent_info_from_proto((await self._call(call)).agent)
+
+    async def register_agent(
+        self,
+        agent_id: str,
+        *,
+        capabilities: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AgentInfo:
+        """Make `agent_id` known before it first connects, so that messages sent to it are
+        kept in its mailbox; the agent as now known."""
+        if isinstance(capabilities, str):
+            raise InvalidArgumentError(
+                "capabilities is a sequence of strings", metadata={"field": "capabilities"}
+            )
+        request = messaging_pb2.RegisterAgentRequest(
+            agent_id=agent_id, capabilities=list(capabilities)
+        )
+        if metadata:
+            fill_struct(request.metadata, metadata)
+        stub = self._get_stub()
+        call = stub.RegisterAgent(
+            request, timeout=self.options.request_timeout, metadata=self._metadata
+        )
+        return agent_info_from_proto((await self._call(call)).agent)
+
+    async def get_mailbox(self, agent_id: str) -> MailboxInfo:
+        """How many messages wait for `agent_id`, and how old the oldest is."""
+        request = messaging_pb2.GetMailboxRequest(agent_id=agent_id)
+        stub = self._get_stub()
+        call = stub.GetMailbox(
+            request, timeout=self.options.request_timeout, metadata=self._metadata
+        )
+        return MailboxInfo.from_proto(await self._call(call))
+
+    async def list_dead_letters(
+        self, agent_id: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Messages that expired or were trimmed before delivery (for `agent_id`, or all),
+        newest first; at most `limit` (1 to 1000)."""
+        if not 1 <= limit <= _MAX_DEAD_LETTERS:
+            raise InvalidArgumentError(
+                f"limit must be between 1 and {_MAX_DEAD_LETTERS}", metadata={"field": "limit"}
+            )
+        request = messaging_pb2.ListDeadLettersRequest(agent_id=agent_id or "", limit=limit)
+        stub = self._get_stub()
+        call = stub.ListDeadLetters(
+            request, timeout=self.options.request_timeout, metadata=self._metadata
+        )
+        response = await self._call(call)
+        return [DeadLetter.from_proto(letter) for letter in response.dead_letters]
 
     async def subscribe(
         self, topics: str | Iterable[str], broadcasts: bool = False

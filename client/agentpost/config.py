@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
-__all__ = ["ConnectOptions"]
+__all__ = ["ACK_MODES", "AckMode", "ConnectOptions"]
+
+#: When a delivery that needs an acknowledgement is acknowledged (see `ConnectOptions.ack_mode`).
+AckMode = Literal["after_handling", "on_receipt", "manual"]
+ACK_MODES: tuple[AckMode, ...] = ("after_handling", "on_receipt", "manual")
 
 _MIB = 1024 * 1024
 
@@ -38,6 +43,24 @@ class ConnectOptions:
     channel_options: Sequence[tuple[str, Any]] = ()
     #: TLS credentials; `None` for a plaintext channel.
     credentials: grpc.ChannelCredentials | None = None
+    #: When `messages()` acknowledges a delivery: "after_handling" (when the loop asks for the
+    #: next message, or the loop is left), "on_receipt" (as soon as it is queued for the
+    #: application) or "manual" (`await message.ack()`).
+    ack_mode: AckMode = "after_handling"
+    #: The flow-control window: unacknowledged deliveries the server lets this session hold
+    #: (0: the server's default). At most `max_buffered_messages`. With "manual" acks, ack
+    #: before waiting for more messages than this, or the server stops delivering.
+    max_unacked: int = 0
+    #: Names the agent instance across reconnects (and, with `state_path`, restarts); a new
+    #: instance takes over the deliveries its predecessor had not acknowledged. `None`: a random
+    #: one per agent (or the one kept in `state_path`). Replicas need different ones.
+    instance_id: str | None = None
+    #: A small JSON file keeping the instance id and the ids of recently handled messages, so a
+    #: restarted agent resumes as the same instance and drops what it had already handled. One
+    #: file per agent instance (it is locked while the agent runs). `None`: nothing is kept.
+    state_path: str | os.PathLike[str] | None = None
+    #: How many recently delivered message ids are remembered to drop duplicates.
+    dedupe_memory: int = 100_000
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "request_timeout", "reconnect_initial_backoff"):
@@ -47,6 +70,18 @@ class ConnectOptions:
             raise ValueError("ConnectOptions.reconnect_max_backoff is below the initial backoff")
         if self.max_buffered_messages < 1 or self.max_concurrent_handlers < 1:
             raise ValueError("ConnectOptions buffer and handler limits must be at least 1")
+        if self.ack_mode not in ACK_MODES:
+            raise ValueError(f"ConnectOptions.ack_mode must be one of {', '.join(ACK_MODES)}")
+        if not 0 <= self.max_unacked <= self.max_buffered_messages:
+            # A larger window could fill the local buffer with deliveries waiting for an ack,
+            # and a full buffer stops the reader (answers to operations queue behind it).
+            raise ValueError(
+                "ConnectOptions.max_unacked must be between 0 and max_buffered_messages"
+            )
+        if self.instance_id is not None and not self.instance_id:
+            raise ValueError("ConnectOptions.instance_id must not be empty (None: a random one)")
+        if self.dedupe_memory < 1:
+            raise ValueError("ConnectOptions.dedupe_memory must be at least 1")
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """The channel arguments: the SDK's defaults, overridden by `channel_options`."""

@@ -8,13 +8,22 @@ import enum
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2
 
 from agentpost import payload as _payload
 from agentpost.errors import InvalidArgumentError
 from agentpost.v1 import agents_pb2, envelope_pb2
 
-__all__ = ["AgentInfo", "Message", "MessageKind", "Replier", "agent_info_from_proto"]
+__all__ = [
+    "Acker",
+    "AgentInfo",
+    "Message",
+    "MessageKind",
+    "Replier",
+    "agent_info_from_proto",
+    "timestamp_or_none",
+]
 
 _UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -22,6 +31,8 @@ _timedelta = datetime.timedelta
 
 #: Sends the reply to a request: (request id, payload, headers, content type).
 Replier = Callable[[str, Any, Mapping[str, str] | None, str | None], Awaitable[None]]
+#: Acknowledges one delivered message, by its id (queued for the session's next frame).
+Acker = Callable[[str], None]
 
 
 class MessageKind(enum.StrEnum):
@@ -51,6 +62,8 @@ class Message:
 
     Exactly one of `to`, `topic` and `broadcast` describes where the message was addressed.
     `payload` is the decoded body: JSON data, `bytes` (see `content_type`) or `None` when empty.
+    `delivery_id` is set when the server wants an acknowledgement (mailbox messages, broadcasts,
+    durable subscriptions: see `ack()`), and `redeliveries` counts earlier deliveries of it.
     """
 
     id: str
@@ -64,17 +77,27 @@ class Message:
     headers: dict[str, str]
     payload: Any
     content_type: str
+    delivery_id: str = dataclasses.field(default="", compare=False)
+    redeliveries: int = dataclasses.field(default=0, compare=False)
     envelope: envelope_pb2.Envelope = dataclasses.field(repr=False, compare=False)
     _replier: Replier | None = dataclasses.field(default=None, repr=False, compare=False)
+    _acker: Acker | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __hash__(self) -> int:
         return hash(self.id)
 
     @classmethod
     def from_envelope(
-        cls, envelope: envelope_pb2.Envelope, *, replier: Replier | None = None
+        cls,
+        envelope: envelope_pb2.Envelope,
+        *,
+        replier: Replier | None = None,
+        delivery_id: str = "",
+        redeliveries: int = 0,
+        acker: Acker | None = None,
     ) -> Message:
-        """The message of an `Envelope`; `replier` makes `reply()` work for requests."""
+        """The message of an `Envelope`; `replier` makes `reply()` work for requests, `acker`
+        makes `ack()` acknowledge a delivery that has a `delivery_id`."""
         recipient = envelope.recipient
         target = recipient.WhichOneof("target")
         body = envelope.payload
@@ -92,8 +115,11 @@ class Message:
             headers={key: headers[key] for key in headers} if headers else {},
             payload=_payload.from_payload(body),
             content_type=_payload.content_type_of(body),
+            delivery_id=delivery_id,
+            redeliveries=redeliveries,
             envelope=envelope,
             _replier=replier,
+            _acker=acker if delivery_id else None,
         )
 
     @property
@@ -122,6 +148,18 @@ class Message:
             )
         await self._replier(self.id, payload, headers, content_type)
 
+    async def ack(self) -> None:
+        """Acknowledge this delivery: the server will not deliver it again.
+
+        Only needed with `ConnectOptions(ack_mode="manual")`; the other modes acknowledge on
+        their own. Idempotent, and a no-op for messages without a `delivery_id`. The ack goes
+        out with the session's next frame (the server does not answer it); one made while the
+        session reconnects goes out on the new stream. Raises `ConnectionLostError` if the
+        agent is closed before the message was acknowledged (it will be delivered again).
+        """
+        if self._acker is not None:
+            self._acker(self.id)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class AgentInfo:
@@ -135,6 +173,8 @@ class AgentInfo:
     connected_since: datetime.datetime | None
     last_seen: datetime.datetime | None
     first_seen: datetime.datetime | None
+    #: Messages waiting in the agent's mailbox (stored and not yet acknowledged).
+    pending: int = 0
 
     @classmethod
     def from_proto(cls, info: agents_pb2.AgentInfo) -> AgentInfo:
@@ -150,14 +190,16 @@ def agent_info_from_proto(info: agents_pb2.AgentInfo) -> AgentInfo:
         metadata=_payload.from_struct(info.metadata),
         online=info.online,
         sessions=info.sessions,
-        connected_since=_time(info, "connected_since"),
-        last_seen=_time(info, "last_seen"),
-        first_seen=_time(info, "first_seen"),
+        connected_since=timestamp_or_none(info, "connected_since"),
+        last_seen=timestamp_or_none(info, "last_seen"),
+        first_seen=timestamp_or_none(info, "first_seen"),
+        pending=info.pending,
     )
 
 
-def _time(info: agents_pb2.AgentInfo, name: str) -> datetime.datetime | None:
-    if not info.HasField(name):  # type: ignore[arg-type]
+def timestamp_or_none(message: _message.Message, name: str) -> datetime.datetime | None:
+    """The aware UTC datetime of the Timestamp field `name` of `message`; `None` when unset."""
+    if not message.HasField(name):
         return None
-    stamp: timestamp_pb2.Timestamp = getattr(info, name)
+    stamp: timestamp_pb2.Timestamp = getattr(message, name)
     return stamp.ToDatetime(tzinfo=_UTC)

@@ -1,10 +1,17 @@
 """An agent's session: one `grpc.aio` channel, one live `Connect` stream at a time (a `Link`),
-reconnection with backoff, the operations waiting for their answers, the inbox of deliveries and
-the request handlers.
+reconnection with backoff, the operations waiting for their answers, the inbox of deliveries,
+their acknowledgements and the request handlers.
 
 A lost stream fails every operation in flight with `ConnectionLostError` (their outcome is
-unknown) and is replaced: the agent is introduced again with its current subscriptions.
-Operations issued meanwhile wait for the new stream, up to `ConnectOptions.connect_timeout`.
+unknown) and is replaced: the agent is introduced again with its current subscriptions and the
+same instance id, so the server hands the new stream what the old one had not acknowledged.
+Operations issued meanwhile wait for the new stream, up to `ConnectOptions.connect_timeout`;
+idempotent ones (sends, which carry an idempotency key) are sent again on it (`call_retrying`).
+
+Deliveries go to the `Inbox` (duplicates are dropped there, and acknowledgements made as
+`ConnectOptions.ack_mode` says); the link's writer adds the acknowledgements due to its frames.
+With `state_path`, a `StateKeeper` keeps the instance id and the handled ids on disk (see
+`_statefile`).
 """
 
 from __future__ import annotations
@@ -14,17 +21,21 @@ import functools
 import inspect
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 
+from agentpost._inbox import Inbox
 from agentpost._link import ConnectCall, Link, LinkState, check_size, frame_piece, handshake
+from agentpost._statefile import KEPT_IDS, StateFile, StateKeeper
 from agentpost.config import ConnectOptions
 from agentpost.errors import (
     AgentpostError,
     ConnectionLostError,
     InternalError,
+    InvalidArgumentError,
     PayloadTooLargeError,
     RequestTimeoutError,
     UnavailableError,
@@ -45,14 +56,8 @@ _CONNECT_METHOD = "/{}/Connect".format(
 )
 _RETRYABLE = (UnavailableError, InternalError, RequestTimeoutError)
 _REQUEST_MARGIN = 1.0  # the client-side timer of a request fires this long after the server's
+_CLOSE_GRACE = 1.0  # how long close() waits for the server to end the stream after a goodbye
 _MAX_ERROR_TEXT = 2048
-
-
-class _End:
-    """The inbox's last item: iteration stops (or raises `error`)."""
-
-    def __init__(self, error: AgentpostError | None) -> None:
-        self.error = error
 
 
 class Session:
@@ -65,8 +70,10 @@ class Session:
         self.options = options
         self.handler: RequestHandler | None = None
         self.subscriptions: set[str] = set(introduce.subscriptions)
-        self.inbox: asyncio.Queue[Message | _End] = asyncio.Queue(options.max_buffered_messages)
+        self.inbox = Inbox(options, acks_due=self._acks_due, handled=self._state_changed)
         self._introduce = introduce
+        self._introduce.max_unacked = options.max_unacked
+        self._keeper: StateKeeper | None = None
         self._channel = options.open_channel(target)
         self._connect: grpc.aio.StreamStreamMultiCallable[bytes, messaging_pb2.ConnectResponse]
         self._connect = self._channel.stream_stream(
@@ -76,8 +83,10 @@ class Session:
         self._ready = asyncio.Event()
         self._failure: AgentpostError | None = None
         self._closed = False
+        self._warned = False  # about a window larger than the buffer
         self._counter = 0
         self._supervisor: asyncio.Task[None] | None = None
+        self._run: asyncio.Task[AgentpostError] | None = None  # the current link's
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(options.max_concurrent_handlers)
 
@@ -90,8 +99,13 @@ class Session:
             raise ConnectionLostError("the session is not connected")
         return self._link.welcome
 
+    @property
+    def instance_id(self) -> str:
+        return self._introduce.instance_id
+
     async def open(self) -> None:
-        """Connect and introduce the agent, retrying until `connect_timeout`."""
+        """Load the state, connect and introduce the agent, retrying until `connect_timeout`."""
+        self._load_state()
         timeout = self.options.connect_timeout
         last: AgentpostError | None = None
         backoff = self.options.reconnect_initial_backoff
@@ -114,26 +128,100 @@ class Session:
             ) from None
         self._install(link)
         self._supervisor = asyncio.create_task(self._supervise(link), name="agentpost-session")
+        if self._keeper is not None:
+            self._track(asyncio.create_task(self._keeper.run(), name="agentpost-state"))
 
-    async def close(self) -> None:
-        """End the session: cancel handlers, end the stream, close the channel. Idempotent."""
+    def _load_state(self) -> None:
+        options, introduce = self.options, self._introduce
+        kept_id: str | None = None
+        handled: list[str] = []
+        if options.state_path is not None:
+            file = StateFile(options.state_path, introduce.agent_id)
+            kept_id, handled = file.open()
+            self._keeper = StateKeeper(file, self._snapshot)
+        introduce.instance_id = options.instance_id or kept_id or uuid.uuid4().hex
+        if self._keeper is None:
+            return
+        self.inbox.restore(handled, keep=min(KEPT_IDS, options.dedupe_memory))
+        try:
+            self._keeper.flush()  # the instance id must survive a crash before any ack
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"cannot write state file {self._keeper.file.path}: {exc.strerror or exc}",
+                metadata={"field": "state_path"},
+            ) from None
+
+    def _snapshot(self) -> tuple[str, list[str]]:
+        return self._introduce.instance_id, self.inbox.ledger.recent_acked()
+
+    def _state_changed(self) -> None:
+        if self._keeper is not None:
+            self._keeper.changed()
+
+    async def close(self, *, abort: bool = False) -> None:
+        """End the session: cancel handlers, send the acknowledgements due, say goodbye on the
+        stream, close the channel. Idempotent.
+
+        Messages that `messages()` holds are acknowledged first, unless `abort` (the agent is
+        closed by an exception: they may not be handled, so they come again).
+        """
         if self._closed:
             return
         self._closed = True
+        self.inbox.close(abort=abort)
         self._fail(ConnectionLostError("the agent is closed"), report=False)
         current = asyncio.current_task()
-        tasks = [t for t in (self._supervisor, *self._tasks) if t is not None and t is not current]
         try:
+            supervisor = self._supervisor
+            if supervisor is not None and supervisor is not current:
+                supervisor.cancel()  # no new streams from now on
+                await asyncio.wait([supervisor])
+            tasks = [t for t in self._tasks if t is not current and t is not self._run]
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks)
+            link = self._link
+            if link is not None and link.state is not LinkState.CLOSED:
+                await link.finish(_CLOSE_GRACE)
+            if self._run is not None and self._run is not current:
+                self._run.cancel()
+                await asyncio.wait([self._run])
         finally:
-            await self._channel.close(None)
+            try:
+                self._save_state()
+            finally:
+                await self._channel.close(None)
+
+    def _save_state(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return
+        try:
+            keeper.flush()
+        except OSError as exc:
+            logger.warning("cannot write the state file %s: %s", keeper.file.path, exc)
+        finally:
+            keeper.file.close()
 
     def _install(self, link: Link) -> None:
         self._link = link
+        self._run = asyncio.create_task(link.run(), name="agentpost-link")
+        self._track(self._run)
         self._ready.set()
+        welcome = link.welcome
+        if welcome.instance_id and welcome.instance_id != self._introduce.instance_id:
+            logger.info("the server named this instance %s", welcome.instance_id)
+            self._introduce.instance_id = welcome.instance_id
+            self._state_changed()
+        if welcome.max_unacked > self.options.max_buffered_messages and not self._warned:
+            self._warned = True
+            logger.warning(
+                "the server's flow-control window (%d) is larger than max_buffered_messages "
+                "(%d): set ConnectOptions.max_unacked to at most the buffer",
+                welcome.max_unacked,
+                self.options.max_buffered_messages,
+            )
         # A stream that was going away may have applied (un)subscriptions after this one's
         # introduction was written: bring the new stream up to date.
         introduced = link.introduced_subscriptions
@@ -148,31 +236,17 @@ class Session:
                 link.accepts[op_id] = None
                 link.submit(piece)
 
-    async def next_message(self) -> Message | None:
-        """The next delivery; `None` once the agent is closed; raises if the session failed."""
-        inbox = self.inbox
-        item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
-        if not isinstance(item, _End):
-            return item
-        if not inbox.full():
-            inbox.put_nowait(item)  # for the other readers, and the next messages() call
-        if item.error is not None:
-            raise _copy(item.error)
-        return None
-
     def _fail(self, error: AgentpostError, *, report: bool = True) -> None:
         """No more streams: wake the waiters with `error`, end the inbox."""
         self._failure = error
         self._ready.set()
-        while not self.inbox.empty():  # a closed agent drops what nobody read
-            self.inbox.get_nowait()
-        self.inbox.put_nowait(_End(error if report else None))
+        self.inbox.end(error if report else None)
 
     async def _supervise(self, link: Link) -> None:
         try:
             while True:
-                run = asyncio.create_task(link.run(), name="agentpost-link")
-                self._track(run)
+                run = self._run
+                assert run is not None  # started by _install
                 await link.unusable.wait()
                 self._ready.clear()
                 if run.done() and not run.cancelled() and run.exception() is None:
@@ -212,7 +286,14 @@ class Session:
             call.cancel()
             raise
         drain = self.options.request_timeout + _REQUEST_MARGIN
-        link = Link(call, welcome, self._deliver, backlog=backlog, drain_timeout=drain)
+        link = Link(
+            call,
+            welcome,
+            self._deliver,
+            backlog=backlog,
+            drain_timeout=drain,
+            take_acks=self._take_acks,
+        )
         link.introduced_subscriptions = frozenset(introduce.introduce.subscriptions)
         return link
 
@@ -243,6 +324,40 @@ class Session:
             if not accepted.done():
                 link.accepts.pop(op_id, None)
 
+    async def call_retrying(
+        self, operation: messaging_pb2.ClientOperation
+    ) -> messaging_pb2.Accepted:
+        """`call()` for an idempotent operation: when the connection is lost (or the server is
+        unavailable) before the answer, send it again, on the next stream, until
+        `connect_timeout` after the first failure."""
+        try:
+            return await self.call(operation)
+        except UnavailableError as exc:
+            if self._failure is not None:
+                raise
+            last = exc
+        timeout = self.options.connect_timeout
+        backoff = self.options.reconnect_initial_backoff
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    logger.info("sending operation again (%s)", last.message)
+                    try:
+                        return await self.call(operation)
+                    except UnavailableError as exc:
+                        if self._failure is not None:
+                            raise
+                        last = exc
+                    if not isinstance(last, ConnectionLostError):  # refused: not a new stream
+                        await asyncio.sleep(_jitter(backoff))
+                        backoff = min(backoff * 2, self.options.reconnect_max_backoff)
+        except TimeoutError as exc:
+            if isinstance(exc, AgentpostError):
+                raise
+            raise type(last)(
+                f"not sent within {timeout:g}s: {last.message}", metadata=last.metadata
+            ) from None
+
     async def request(
         self, operation: messaging_pb2.ClientOperation, seconds: float
     ) -> envelope_pb2.Envelope:
@@ -266,15 +381,20 @@ class Session:
             if not reply.done():
                 link.replies.pop(op_id, None)
 
-    async def subscribe(self, patterns: Iterable[str]) -> None:
+    async def subscribe(self, patterns: Iterable[str], durable: str = "") -> None:
+        """Subscribe; a `durable` subscription is kept by the server (not re-introduced)."""
         operation = messaging_pb2.ClientOperation()
         operation.subscribe.patterns.extend(patterns)
+        operation.subscribe.durable_name = durable
         await self.call(operation)
-        self.subscriptions.update(operation.subscribe.patterns)
+        if not durable:
+            self.subscriptions.update(operation.subscribe.patterns)
 
-    async def unsubscribe(self, patterns: Iterable[str]) -> None:
+    async def unsubscribe(self, patterns: Iterable[str], durable: str = "") -> None:
+        """Stop live patterns, and delete the `durable` subscription if one is named."""
         operation = messaging_pb2.ClientOperation()
         operation.unsubscribe.patterns.extend(patterns)
+        operation.unsubscribe.durable_name = durable
         await self.call(operation)
         self.subscriptions.difference_update(operation.unsubscribe.patterns)
 
@@ -308,23 +428,42 @@ class Session:
             check_size(operation, limit)
         return op_id, frame_piece(data)
 
+    # ----------------------------------------------------------------- acknowledgements
+
+    def _acks_due(self) -> None:
+        link = self._link
+        if link is not None:
+            link.wake()
+
+    def _take_acks(self, link: Link) -> bytes | None:
+        """For the writer of `link`: one framed Acknowledge for the delivery ids due, if any."""
+        if link is not self._link:
+            return None
+        delivery_ids = self.inbox.take_acks()
+        if delivery_ids is None:
+            return None
+        operation = messaging_pb2.ClientOperation(operation_id=self._next_id())
+        operation.ack.delivery_ids.extend(delivery_ids)
+        return frame_piece(operation.SerializeToString())
+
     # ----------------------------------------------------------------- deliveries
 
-    async def _deliver(self, link: Link, envelope: envelope_pb2.Envelope) -> None:
+    async def _deliver(self, link: Link, event: messaging_pb2.ServerEvent) -> None:
+        if self._closed:
+            return  # neither shown nor acknowledged: the server delivers it again later
+        envelope = event.delivery
         if envelope.kind != envelope_pb2.MESSAGE_KIND_REQUEST:
-            message = Message.from_envelope(envelope)
-        else:
-            replier = functools.partial(self._reply, link)
-            message = Message.from_envelope(envelope, replier=replier)
-            handler = self.handler
-            if handler is not None:
-                await self._slots.acquire()
-                self._track(asyncio.create_task(self._handle(link, message, handler)), slot=True)
-                return
-        if self.inbox.full():
-            await self.inbox.put(message)
-        else:
-            self.inbox.put_nowait(message)
+            await self.inbox.deliver(event)
+            return
+        # Requests carry no delivery id: they are answered, not acknowledged.
+        replier = functools.partial(self._reply, link)
+        message = Message.from_envelope(envelope, replier=replier)
+        handler = self.handler
+        if handler is not None:
+            await self._slots.acquire()
+            self._track(asyncio.create_task(self._handle(link, message, handler)), slot=True)
+            return
+        await self.inbox.put(message)
 
     async def _reply(
         self,

@@ -30,7 +30,8 @@ from agentpost_server.settings import Settings
 from agentpost_server.store.bus import RedisBus
 from agentpost_server.store.embedded import EmbeddedRedis
 from agentpost_server.store.keys import Keys
-from agentpost_server.store.mailbox import RedisBroadcastLog, RedisMailboxes
+from agentpost_server.store.logs import RedisLogs
+from agentpost_server.store.mailbox import RedisMailboxes
 from agentpost_server.store.presence import RedisPresence
 from agentpost_server.store.writer import PipelineWriter
 
@@ -82,7 +83,7 @@ class App:
                 max_len=s.mailbox_max_messages,
                 idempotency_ms=int(s.idempotency_window * 1000),
             ),
-            broadcasts=RedisBroadcastLog(self._redis, keys),
+            logs=RedisLogs(self._redis, keys),
             limits=_limits(s),
         )
         await self._bus.start(hub)

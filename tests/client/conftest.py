@@ -1,6 +1,6 @@
 """Fixtures of the SDK tests: a scriptable in-process fake of the AgentMessaging service on
 port 0, used only to inject what a real server rarely does on demand (dropped streams, going-away
-notices, keep-alives, refusals), and envelopes as a server would deliver them."""
+notices, keep-alives, refusals, redeliveries), and envelopes as a server would deliver them."""
 
 from __future__ import annotations
 
@@ -24,15 +24,19 @@ class FakeSession:
 
     introduce: messaging_pb2.Introduce
     session_id: str
-    out: asyncio.Queue[messaging_pb2.ServerEvent | None] = field(default_factory=asyncio.Queue)
+    out: asyncio.Queue[messaging_pb2.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     operations: list[messaging_pb2.ClientOperation] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)  # operations per received frame
+    half_closed: bool = False  # the client said goodbye (done_writing)
 
-    def push(self, event: messaging_pb2.ServerEvent) -> None:
-        self.out.put_nowait(event)
+    def push(self, *events: messaging_pb2.ServerEvent) -> None:
+        """Send these events, in one frame."""
+        self.out.put_nowait(messaging_pb2.ConnectResponse(events=list(events)))
 
-    def deliver(self, envelope: envelope_pb2.Envelope) -> None:
-        self.push(messaging_pb2.ServerEvent(delivery=envelope))
+    def deliver(
+        self, envelope: envelope_pb2.Envelope, delivery_id: str = "", redeliveries: int = 0
+    ) -> None:
+        self.push(delivery(envelope, delivery_id, redeliveries))
 
     def end(self) -> None:
         self.out.put_nowait(None)
@@ -40,13 +44,29 @@ class FakeSession:
     def of_kind(self, kind: str) -> list[messaging_pb2.ClientOperation]:
         return [op for op in self.operations if op.WhichOneof("operation") == kind]
 
+    def acked(self) -> list[str]:
+        """Every delivery id acknowledged on this stream, in order."""
+        return [i for op in self.of_kind("ack") for i in op.ack.delivery_ids]
+
+
+def delivery(
+    envelope: envelope_pb2.Envelope, delivery_id: str = "", redeliveries: int = 0
+) -> messaging_pb2.ServerEvent:
+    return messaging_pb2.ServerEvent(
+        delivery=envelope, delivery_id=delivery_id, redeliveries=redeliveries
+    )
+
 
 class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
     """Answers operations like a well-behaved server, with hooks to misbehave.
 
     * send/publish/subscribe/unsubscribe/reply: accepted (sends to "blackhole" get no answer).
+      Sends are stored once per idempotency key (`stored`); a repeated key gets the first id.
+      `drop_sends`: that many sends are stored, then the stream ends before the answer.
     * request: accepted, then the payload echoed back as the reply; to "silent": no answer;
       to "failing": a reply carrying a handler error; to "nobody": an error event.
+    * ack: no answer. A stream the client half-closes is ended.
+    * Welcome echoes the instance id (or names one) and the window (`window` by default).
     """
 
     def __init__(self) -> None:
@@ -58,6 +78,12 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
         self.gate: asyncio.Event | None = None  # when set: welcome only once the event is set
         self.hold_subscribes = False  # keep subscribe operations unanswered until release()
         self.held: list[tuple[FakeSession, messaging_pb2.ClientOperation]] = []
+        self.window = 100
+        self.drop_sends = 0
+        self.stored: dict[str, str] = {}  # idempotency key -> message id
+        self.unavailable_sends = 0  # unary Send: fail that many calls with UNAVAILABLE
+        self.unary_sends: list[messaging_pb2.SendRequest] = []
+        self.unary_requests: list[Any] = []  # RegisterAgent, GetMailbox, ListDeadLetters
         self._ids = itertools.count(1)
         self.target = ""
 
@@ -87,11 +113,13 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
         welcome.welcome.server_id = "fake"
         welcome.welcome.max_payload_bytes = 1000
         welcome.welcome.keepalive_interval.FromNanoseconds(int(self.keepalive_seconds * 1e9))
+        welcome.welcome.instance_id = intro.introduce.instance_id or f"i-{next(self._ids)}"
+        welcome.welcome.max_unacked = intro.introduce.max_unacked or self.window
         yield messaging_pb2.ConnectResponse(events=[welcome])
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
-            while (event := await session.out.get()) is not None:
-                yield messaging_pb2.ConnectResponse(events=[event])
+            while (frame := await session.out.get()) is not None:
+                yield frame
         finally:
             reader.cancel()
 
@@ -103,10 +131,12 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
             for op in frame.operations:
                 session.operations.append(op)
                 self._answer(session, op)
+        session.half_closed = True
+        session.end()
 
     def _answer(self, session: FakeSession, op: messaging_pb2.ClientOperation) -> None:
         kind = op.WhichOneof("operation")
-        if kind == "keep_alive":
+        if kind in ("keep_alive", "ack"):
             return
         if kind == "subscribe" and self.hold_subscribes:
             self.held.append((session, op))
@@ -118,7 +148,15 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
                 answer.error.CopyFrom(_status.to_error_proto(NoResponderError("no one there")))
                 session.push(answer)
             return
-        answer.accepted.message_id = f"m-{next(self._ids)}"
+        if kind == "send":
+            key = op.send.idempotency_key
+            answer.accepted.message_id = self.stored.setdefault(key, f"m-{next(self._ids)}")
+            if self.drop_sends > 0:
+                self.drop_sends -= 1
+                session.end()
+                return
+        else:
+            answer.accepted.message_id = f"m-{next(self._ids)}"
         session.push(answer)
         if kind == "request":
             reply = messaging_pb2.ServerEvent(operation_id=op.operation_id)
@@ -143,11 +181,60 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
     async def Send(
         self, request: messaging_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> messaging_pb2.SendResponse:
+        self.unary_sends.append(request)
+        if self.unavailable_sends > 0:
+            self.unavailable_sends -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        await self._maybe_fail(context)
+        sender = dict(context.invocation_metadata() or ()).get("agentpost-agent-id", "anonymous")
+        return messaging_pb2.SendResponse(message_id=f"{sender}:{request.to}")
+
+    async def RegisterAgent(
+        self,
+        request: messaging_pb2.RegisterAgentRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> messaging_pb2.RegisterAgentResponse:
+        self.unary_requests.append(request)
+        await self._maybe_fail(context)
+        response = messaging_pb2.RegisterAgentResponse()
+        agent = response.agent
+        agent.agent_id = request.agent_id
+        agent.capabilities.extend(request.capabilities)
+        agent.metadata.CopyFrom(request.metadata)
+        agent.first_seen.FromSeconds(1_700_000_000)
+        return response
+
+    async def GetMailbox(
+        self, request: messaging_pb2.GetMailboxRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> messaging_pb2.GetMailboxResponse:
+        self.unary_requests.append(request)
+        await self._maybe_fail(context)
+        response = messaging_pb2.GetMailboxResponse(
+            agent_id=request.agent_id, depth=3, unacknowledged=1, dead_lettered=2
+        )
+        if request.agent_id != "empty":
+            response.oldest_at.FromSeconds(1_700_000_000)
+        else:
+            response.depth = response.unacknowledged = 0
+        return response
+
+    async def ListDeadLetters(
+        self,
+        request: messaging_pb2.ListDeadLettersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> messaging_pb2.ListDeadLettersResponse:
+        self.unary_requests.append(request)
+        await self._maybe_fail(context)
+        response = messaging_pb2.ListDeadLettersResponse()
+        letter = response.dead_letters.add(reason="ttl expired")
+        letter.envelope.CopyFrom(envelope(payload={"late": True}, id="d-1", to="coder"))
+        letter.dead_at.FromSeconds(1_700_000_100)
+        return response
+
+    async def _maybe_fail(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.unary_error is not None:
             code, details, trailers = _status.to_status(self.unary_error)
             await context.abort(code, details, trailers)
-        sender = dict(context.invocation_metadata() or ()).get("agentpost-agent-id", "anonymous")
-        return messaging_pb2.SendResponse(message_id=f"{sender}:{request.to}")
 
 
 @pytest.fixture
@@ -171,7 +258,11 @@ def envelope(
     from agentpost.payload import fill_payload
 
     env = envelope_pb2.Envelope(id=fields.pop("id", "m-1"), sender="peer", kind=kind)  # type: ignore[arg-type]
-    env.recipient.agent_id = fields.pop("to", "me")
+    topic = fields.pop("topic", None)
+    if topic is not None:
+        env.recipient.topic = topic
+    else:
+        env.recipient.agent_id = fields.pop("to", "me")
     env.created_at.FromSeconds(1_700_000_000)
     if payload is not None:
         fill_payload(env.payload, payload)

@@ -13,10 +13,22 @@ import pytest
 
 import agentpost
 from agentpost import cli
-from agentpost.message import Message
+from agentpost.mailbox import DeadLetter, MailboxInfo
+from agentpost.message import AgentInfo, Message
 from agentpost.v1 import envelope_pb2
 
-COMMANDS = ["serve", "worker", "send", "publish", "request", "listen", "agents"]
+COMMANDS = [
+    "serve",
+    "worker",
+    "send",
+    "publish",
+    "request",
+    "listen",
+    "agents",
+    "agents register",
+    "mailbox",
+    "deadletters",
+]
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,13 +37,13 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 0
     out = capsys.readouterr().out
     for command in COMMANDS:
-        assert command in out
+        assert command.split()[0] in out
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert exited.value.code == 0
     assert f"agentpost {command}" in capsys.readouterr().out
 
@@ -59,6 +71,11 @@ def test_console_script_runs() -> None:
         ["request", "a", "1", "--timeout", "-1"],
         ["listen", "--count", "0"],
         ["agents", "--online", "--offline"],
+        ["agents", "register"],
+        ["agents", "bogus"],
+        ["mailbox"],
+        ["deadletters", "--limit", "0"],
+        ["send", "a", "1", "--ttl", "0"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,14 +155,21 @@ def test_send_prints_the_id_as_text_or_json(
 ) -> None:
     seen: dict[str, Any] = {}
 
-    async def send(self: Any, to: str, payload: Any, *, headers: Any = None) -> str:
-        seen.update(agent=self.agent_id, to=to, payload=payload, headers=headers)
+    async def send(self: Any, to: str, payload: Any, *, headers: Any = None, **kw: Any) -> str:
+        seen.update(agent=self.agent_id, to=to, payload=payload, headers=headers, **kw)
         return "01XYZ"
 
     monkeypatch.setattr(agentpost.Client, "send", send)
     assert cli.main(["--as", "me", "send", "coder", "[1]", "--header", "k=v"]) == 0
     assert capsys.readouterr().out == "01XYZ\n"
-    assert seen == {"agent": "me", "to": "coder", "payload": [1], "headers": {"k": "v"}}
+    assert seen == {
+        "agent": "me",
+        "to": "coder",
+        "payload": [1],
+        "headers": {"k": "v"},
+        "ttl": None,
+        "idempotency_key": None,
+    }
     assert cli.main(["--json", "send", "coder", "x", "--raw"]) == 0
     assert json.loads(capsys.readouterr().out) == {"message_id": "01XYZ"}
 
@@ -166,7 +190,13 @@ def test_agentpost_errors_are_one_line_and_exit_1(
 def test_unreachable_server_is_an_error_not_a_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli.main(["--server", "127.0.0.1:1", "send", "coder", "1"]) == 1
+    argv = ["--server", "127.0.0.1:1", "send", "coder", "1", "--timeout", "0.3"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("agentpost: error: ")
+    assert err.count("\n") == 1
+    assert "(to retry safely: --idempotency-key " in err  # sends are retried, then give up
+    assert cli.main(["--server", "127.0.0.1:1", "agents"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("agentpost: error: ")
     assert err.count("\n") == 1
@@ -243,3 +273,109 @@ def test_message_output() -> None:
     assert data["payload_encoding"] == "base64"
     assert data["topic"] == "t"
     assert json.loads(json.dumps(cli.message_json(_message([1], agent_id="x"))))["payload"] == [1]
+
+
+def test_send_options_and_a_retry_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def send(self: Any, to: str, payload: Any, **kw: Any) -> str:
+        seen.update(kw, timeout=self.options.request_timeout)
+        if kw["idempotency_key"] == "down":
+            raise agentpost.ConnectionLostError("gone", metadata={"idempotency_key": "down"})
+        return "01XYZ"
+
+    monkeypatch.setattr(agentpost.Client, "send", send)
+    argv = ["send", "coder", "1", "--ttl", "30", "--idempotency-key", "k1", "--timeout", "2"]
+    assert cli.main(argv) == 0
+    assert (seen["ttl"], seen["idempotency_key"], seen["timeout"]) == (30.0, "k1", 2.0)
+    assert cli.main(["send", "coder", "1", "--idempotency-key", "down"]) == 1
+    assert capsys.readouterr().err == (
+        "agentpost: error: gone (to retry safely: --idempotency-key down)\n"
+    )
+
+
+def _agent(agent_id: str, pending: int) -> AgentInfo:
+    return AgentInfo(
+        agent_id=agent_id,
+        capabilities=("code",),
+        metadata={},
+        online=False,
+        sessions=0,
+        connected_since=None,
+        last_seen=None,
+        first_seen=None,
+        pending=pending,
+    )
+
+
+def test_agents_show_pending_and_register(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registered: list[tuple[str, Any]] = []
+
+    async def list_agents(self: Any, **kw: Any) -> list[AgentInfo]:
+        return [_agent("coder", 4)]
+
+    async def register_agent(self: Any, agent_id: str, *, capabilities: Any = ()) -> AgentInfo:
+        registered.append((agent_id, capabilities))
+        return _agent(agent_id, 0)
+
+    monkeypatch.setattr(agentpost.Client, "list_agents", list_agents)
+    monkeypatch.setattr(agentpost.Client, "register_agent", register_agent)
+    assert cli.main(["agents"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["ID", "ONLINE", "SESSIONS", "PENDING", "CAPABILITIES", "LAST", "SEEN"]
+    assert row.split() == ["coder", "no", "0", "4", "code", "-"]
+    assert cli.main(["--json", "agents"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["pending"] == 4
+
+    argv = ["agents", "register", "reviewer", "--capability", "code", "--capability", "review"]
+    assert cli.main(argv) == 0
+    assert registered == [("reviewer", ["code", "review"])]
+    assert capsys.readouterr().out.splitlines()[1].split()[0] == "reviewer"
+    assert cli.main(["agents", "register", "x", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["agent_id"] == "x"
+
+
+def test_mailbox_and_dead_letters(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stamp = _message(1).created_at
+    asked: dict[str, Any] = {}
+
+    async def get_mailbox(self: Any, agent_id: str) -> MailboxInfo:
+        if agent_id == "ghost":
+            raise agentpost.AgentNotFoundError("no agent 'ghost'")
+        return MailboxInfo(
+            agent_id=agent_id, depth=3, unacknowledged=1, oldest_at=stamp, dead_lettered=2
+        )
+
+    async def list_dead_letters(self: Any, agent_id: Any = None, limit: int = 100) -> Any:
+        asked.update(agent_id=agent_id, limit=limit)
+        return [
+            DeadLetter(
+                message=_message({"a": 1}, agent_id="coder"), reason="ttl expired", dead_at=stamp
+            )
+        ]
+
+    monkeypatch.setattr(agentpost.Client, "get_mailbox", get_mailbox)
+    monkeypatch.setattr(agentpost.Client, "list_dead_letters", list_dead_letters)
+    assert cli.main(["mailbox", "coder"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["AGENT", "DEPTH", "UNACKED", "OLDEST", "DEAD", "LETTERS"]
+    assert row.split() == ["coder", "3", "1", "2023-11-14T22:13:20+00:00", "2"]
+    assert cli.main(["mailbox", "coder", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["oldest_at"] == "2023-11-14T22:13:20+00:00"
+    assert cli.main(["mailbox", "ghost"]) == 1
+    assert capsys.readouterr().err == "agentpost: error: no agent 'ghost'\n"
+
+    assert cli.main(["deadletters", "--agent", "coder", "--limit", "5"]) == 0
+    assert asked == {"agent_id": "coder", "limit": 5}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["DEAD", "AT", "ID", "SENDER", "TO", "REASON"]
+    assert "01A  planner  coder  ttl expired" in lines[1]
+    assert cli.main(["deadletters", "--json"]) == 0
+    letter = json.loads(capsys.readouterr().out)[0]
+    assert (letter["reason"], letter["message"]["payload"]) == ("ttl expired", {"a": 1})

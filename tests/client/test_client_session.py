@@ -172,8 +172,8 @@ async def test_lost_stream_fails_in_flight_operations_then_reconnects_and_resubs
         await agent.subscribe("b.>", "c.x")
         await agent.unsubscribe("c.x")
         first = fake_bus.last
-        pending = asyncio.create_task(agent.send("blackhole", 1))
-        await assert_eventually(lambda: bool(first.of_kind("send")))
+        pending = asyncio.create_task(agent.request("silent", 1, timeout=30))
+        await assert_eventually(lambda: bool(first.of_kind("request")))
         first.end()
         with pytest.raises(agentpost.ConnectionLostError):
             await pending

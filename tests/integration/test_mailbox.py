@@ -138,3 +138,39 @@ async def test_broadcasts_missed_while_away_arrive_on_reconnect(stub, target):
     async with RawAgent(target, "napper") as agent:
         await asyncio.sleep(0.3)
         assert agent.deliveries() == []  # acknowledged: not again
+
+
+async def test_durable_subscriptions_keep_their_position_while_away(stub, target):
+    async with RawAgent(target, "reader") as agent:
+        op = messaging_pb2.ClientOperation(operation_id="sub")
+        op.subscribe.patterns.append("news.>")
+        op.subscribe.durable_name = "news"
+        await agent._outbox.put(op)
+        await assert_eventually(lambda: any(e.operation_id == "sub" for e in agent.events))
+        await stub.Publish(messaging_pb2.PublishRequest(topic="news.live", payload=text("live")))
+        await assert_eventually(lambda: len(agent.deliveries()) == 1)
+        live = agent.deliveries()[0]
+        assert live.delivery_id.startswith("t:news:")
+        await agent.ack(live.delivery_id)
+        await asyncio.sleep(0.2)
+    for n in range(3):  # while away: kept for the durable subscription
+        await stub.Publish(messaging_pb2.PublishRequest(topic=f"news.n{n}", payload=text(n)))
+    await stub.Publish(messaging_pb2.PublishRequest(topic="sports.x", payload=text("no")))
+    async with RawAgent(target, "reader") as agent:  # resumed on connect, no resubscribe
+        await assert_eventually(lambda: len(agent.deliveries()) == 3)
+        assert [e.delivery.recipient.topic for e in agent.deliveries()] == [
+            "news.n0",
+            "news.n1",
+            "news.n2",
+        ]
+        await stub.Publish(messaging_pb2.PublishRequest(topic="news.after", payload=text("a")))
+        await assert_eventually(lambda: len(agent.deliveries()) == 4)
+        await agent.ack(*(e.delivery_id for e in agent.deliveries()))
+        op = messaging_pb2.ClientOperation(operation_id="unsub")
+        op.unsubscribe.durable_name = "news"
+        await agent._outbox.put(op)
+        await assert_eventually(lambda: any(e.operation_id == "unsub" for e in agent.events))
+    await stub.Publish(messaging_pb2.PublishRequest(topic="news.gone", payload=text("x")))
+    async with RawAgent(target, "reader") as agent:
+        await asyncio.sleep(0.3)
+        assert agent.deliveries() == []

@@ -34,9 +34,9 @@ from agentpost_server.core.ids import UlidFactory, new_instance_id
 from agentpost_server.core.limits import Limits
 from agentpost_server.core.ports import (
     AgentRecord,
-    BroadcastLog,
     Bus,
     Lane,
+    Logs,
     Mailboxes,
     PresenceChange,
     PresenceStore,
@@ -45,6 +45,7 @@ from agentpost_server.core.pump import MailboxPump
 from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
+from agentpost_server.core.topics import pattern_matches
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Hub:
         bus: Bus,
         presence: PresenceStore,
         mailboxes: Mailboxes,
-        broadcasts: BroadcastLog,
+        logs: Logs,
         limits: Limits,
     ) -> None:
         self.server_id = server_id
@@ -69,7 +70,7 @@ class Hub:
         self._bus = bus
         self._presence = presence
         self.mailboxes = mailboxes
-        self._broadcasts = broadcasts
+        self._logs = logs
         self._ids = UlidFactory()
         self.registry = SessionRegistry(server_id, presence, limits)
         self.requests = PendingRequests()
@@ -120,12 +121,15 @@ class Hub:
         session.pump = MailboxPump(
             session,
             self.mailboxes,
-            self._broadcasts,
+            self._logs,
             self._presence,
             window=window,
             ack_timeout_ms=int(self.limits.ack_timeout * 1000),
         )
         try:
+            session.durable = await self._logs.durable_subscriptions(agent_id)
+            for durable_patterns in session.durable.values():
+                self.registry.subscribe(session, durable_patterns)
             await session.pump.prepare()
         except BaseException:
             self.registry.forget(session)
@@ -203,6 +207,30 @@ class Hub:
 
     def unsubscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
         self.registry.unsubscribe(session, patterns)
+
+    async def subscribe_durable(
+        self, session: LocalSession, name: str, patterns: list[str]
+    ) -> None:
+        """Create (starting now) or update a durable subscription of the session's agent."""
+        names.check_agent_id(name, "durable_name")
+        if not patterns:
+            raise InvalidArgumentError(
+                "a durable subscription needs patterns", metadata={"field": "patterns"}
+            )
+        if session.pump is None:
+            raise InvalidArgumentError("only agent sessions hold durable subscriptions")
+        await self._logs.save_durable(session.agent_id, name, patterns)
+        previous = session.durable.get(name, [])
+        session.durable[name] = patterns
+        self.registry.unsubscribe(session, [p for p in previous if p not in patterns])
+        self.registry.subscribe(session, patterns)
+
+    async def unsubscribe_durable(self, session: LocalSession, name: str) -> None:
+        if not await self._logs.delete_durable(session.agent_id, name):
+            raise InvalidArgumentError(
+                f"no durable subscription {name!r}", metadata={"field": "durable_name"}
+            )
+        self.registry.unsubscribe(session, session.durable.pop(name, []))
 
     def local_sessions(self) -> list[LocalSession]:
         return list(self.registry.sessions.values())
@@ -394,9 +422,10 @@ class Hub:
         elif lane is Lane.TOPICS:
             for item in batch.items:
                 envelope = item.envelope
-                for session in self.registry.topics.match(envelope.recipient.topic):
+                topic = envelope.recipient.topic
+                for session in self.registry.topics.match(topic):
                     if item.include_self or not _is_own(session, envelope.sender):
-                        session.deliver(envelope)
+                        _deliver_topic(session, envelope, item.log_id)
         else:
             for item in batch.items:
                 envelope = item.envelope
@@ -411,7 +440,7 @@ class Hub:
                         continue
                     if session.pump is None or not item.log_id:
                         session.push(plain)
-                    elif session.pump.live_broadcast(item.log_id):
+                    elif session.pump.live(pump.BROADCASTS, item.log_id):
                         session.push(logged)
 
     # ---- upkeep -----------------------------------------------------------------------------
@@ -598,3 +627,20 @@ def _is_own(session: LocalSession, sender: str) -> bool:
     """A publish skips the sender's own agent sessions (receive-only subscriptions of unary
     callers are never "own": every such caller may share the name "anonymous")."""
     return session.registered and session.agent_id == sender
+
+
+def _deliver_topic(session: LocalSession, envelope: Envelope, log_id: str) -> None:
+    """Live topic delivery: with a delivery id when one of the session's durable subscriptions
+    covers the topic (unless that subscription's catch-up will deliver it), else plain."""
+    if session.durable and log_id and session.pump is not None:
+        tokens = envelope.recipient.topic.split(".")
+        for name, patterns in session.durable.items():
+            if any(pattern_matches(p.split("."), tokens) for p in patterns):
+                if session.pump.live(name, log_id):
+                    session.push(
+                        messaging_pb2.ServerEvent(
+                            delivery=envelope, delivery_id=f"{pump.TOPIC}{name}:{log_id}"
+                        )
+                    )
+                return
+    session.deliver(envelope)

@@ -73,9 +73,14 @@ async def handle(hub: Hub, session: LocalSession, op: messaging_pb2.ClientOperat
             _answer_when_sent(session, op_id, envelope, sent)
         elif kind == "subscribe":
             patterns = [names.check_pattern(p, "patterns") for p in op.subscribe.patterns]
-            hub.subscribe(session, patterns)
+            if op.subscribe.durable_name:
+                await hub.subscribe_durable(session, op.subscribe.durable_name, patterns)
+            else:
+                hub.subscribe(session, patterns)
             session.answer(op_id)
         elif kind == "unsubscribe":
+            if op.unsubscribe.durable_name:
+                await hub.unsubscribe_durable(session, op.unsubscribe.durable_name)
             hub.unsubscribe(session, op.unsubscribe.patterns)
             session.answer(op_id)
         elif kind == "keep_alive":

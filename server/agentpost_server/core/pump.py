@@ -7,7 +7,8 @@ Order of a pump's work, each time it is woken:
    held unacknowledged, then deliver everything this instance holds unacknowledged, oldest
    first (a reconnect with the same instance id gets its predecessor's deliveries again);
 3. after the ack timeout: claim deliveries some instance has held too long;
-4. new messages, as far as the window allows; then broadcasts missed while away.
+4. new messages, as far as the window allows; then what was missed while away from the broadcast
+   log and, per durable topic subscription, from the topic log.
 """
 
 from __future__ import annotations
@@ -15,17 +16,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from agentpost.errors import AgentpostError
 from agentpost.v1 import envelope_pb2, messaging_pb2
-from agentpost_server.core.ports import BroadcastLog, Entry, Mailboxes, PresenceStore
+from agentpost_server.core.ports import Entry, Logs, Mailboxes, PresenceStore
 from agentpost_server.core.session import LocalSession
+from agentpost_server.core.topics import pattern_matches
 
 log = logging.getLogger(__name__)
 
+BROADCASTS = ""  # the position name of the broadcast log
 MAILBOX = "m:"
 BROADCAST = "b:"
+TOPIC = "t:"  # t:<durable name>:<log id>
 _READ_CHUNK = 500
+
+
+@dataclass(slots=True)
+class CatchUp:
+    """Reading one log from the agent's position up to where live delivery took over."""
+
+    name: str  # "" for broadcasts, else the durable subscription's name
+    log: str
+    prefix: str
+    cursor: str
+    until: str
+    patterns: list[list[str]] | None = None
+    done: bool = False
+
+    def wants(self, entry: Entry) -> bool:
+        if self.patterns is None:
+            return True
+        topic = envelope_pb2.Envelope.FromString(entry.envelope).recipient.topic.split(".")
+        return any(pattern_matches(p, topic) for p in self.patterns)
 
 
 class MailboxPump:
@@ -33,7 +57,7 @@ class MailboxPump:
         self,
         session: LocalSession,
         mailboxes: Mailboxes,
-        broadcasts: BroadcastLog,
+        logs: Logs,
         presence: PresenceStore,
         *,
         window: int,
@@ -41,15 +65,14 @@ class MailboxPump:
     ) -> None:
         self._session = session
         self._mailboxes = mailboxes
-        self._broadcasts = broadcasts
+        self._logs = logs
         self._presence = presence
         self.window = window
         self._ack_timeout_ms = ack_timeout_ms
         self._in_flight: set[str] = set()  # delivery ids sent and not acknowledged
         self._acks: list[str] = []
-        self._broadcast_ack: str | None = None
-        self._broadcast_cursor: str | None = None  # catching up from here; None when done
-        self.broadcast_until: str | None = None  # the newest broadcast when delivery began
+        self._positions: dict[str, str] = {}  # position name -> newest acknowledged log id
+        self._catch_ups: dict[str, CatchUp] = {}  # by position name
         self._adopt = True
         self._claim = False
         self._dirty = asyncio.Event()
@@ -80,29 +103,51 @@ class MailboxPump:
         self._claim = True
         self._dirty.set()
 
-    def live_broadcast(self, log_id: str) -> bool:
-        """Whether a broadcast arriving live is this session's to deliver (not the catch-up's)."""
-        return self.broadcast_until is None or _after(log_id, self.broadcast_until)
+    def live(self, name: str, log_id: str) -> bool:
+        """Whether a log entry arriving live is this session's to deliver now (rather than the
+        catch-up's, which reaches it in order)."""
+        catch_up = self._catch_ups.get(name)
+        return catch_up is None or _after(log_id, catch_up.until)
 
     def ack(self, delivery_id: str) -> bool:
         """Record an acknowledgement; False if the id is not one this server hands out."""
         if delivery_id.startswith(MAILBOX):
             self._acks.append(delivery_id[len(MAILBOX) :])
         elif delivery_id.startswith(BROADCAST):
-            log_id = delivery_id[len(BROADCAST) :]
-            if self._broadcast_ack is None or _after(log_id, self._broadcast_ack):
-                self._broadcast_ack = log_id
+            self._moved(BROADCASTS, delivery_id[len(BROADCAST) :])
+        elif delivery_id.startswith(TOPIC):
+            name, _, log_id = delivery_id[len(TOPIC) :].rpartition(":")
+            if not name:
+                return False
+            if name in self._session.durable:  # else: unsubscribed meanwhile, nothing to move
+                self._moved(name, log_id)
         else:
             return False
         self._in_flight.discard(delivery_id)
         self._dirty.set()
         return True
 
+    def _moved(self, name: str, log_id: str) -> None:
+        current = self._positions.get(name)
+        if current is None or _after(log_id, current):
+            self._positions[name] = log_id
+
     async def prepare(self) -> None:
-        """Before the session is welcomed: where broadcast catch-up starts and ends. Broadcasts
-        after `until` reach the session live; those up to it come from the log."""
-        self._broadcast_cursor = await self._broadcasts.position(self._session.agent_id)
-        self.broadcast_until = await self._broadcasts.latest()
+        """Before the session is welcomed: where each catch-up starts and ends. Entries after
+        `until` reach the session live; those up to it come from the log."""
+        await self.add_catch_up(BROADCASTS, None)
+        for name, patterns in self._session.durable.items():
+            await self.add_catch_up(name, patterns)
+
+    async def add_catch_up(self, name: str, patterns: list[str] | None) -> None:
+        log_name = "broadcasts" if name == BROADCASTS else "topics"
+        cursor = await self._logs.position(self._session.agent_id, name)
+        until = await self._logs.latest(log_name)
+        if _after(until, cursor):
+            split = None if patterns is None else [p.split(".") for p in patterns]
+            prefix = BROADCAST if name == BROADCASTS else f"{TOPIC}{name}:"
+            self._catch_ups[name] = CatchUp(name, log_name, prefix, cursor, until, split)
+            self._dirty.set()
 
     async def _run(self) -> None:
         session = self._session
@@ -139,14 +184,20 @@ class MailboxPump:
             if not entries:
                 break
             await self._deliver(entries, 0)
-        if self._broadcast_cursor is not None and (room := self.window - len(self._in_flight)) > 0:
-            missed = await self._broadcasts.since(self._broadcast_cursor, min(room, _READ_CHUNK))
-            for entry in missed:
-                self._push(entry, BROADCAST, 0)
-            self._broadcast_cursor = (
-                missed[-1].stream_id if len(missed) == min(room, _READ_CHUNK) else None
-            )
-            if self._broadcast_cursor is not None:
+        for catch_up in list(self._catch_ups.values()):
+            if catch_up.done or (room := self.window - len(self._in_flight)) <= 0:
+                continue
+            wanted = min(room, _READ_CHUNK)
+            entries = await self._logs.since(catch_up.log, catch_up.cursor, wanted)
+            catch_up.done = len(entries) < wanted
+            for entry in entries:
+                if _after(entry.stream_id, catch_up.until):
+                    catch_up.done = True
+                    break
+                catch_up.cursor = entry.stream_id
+                if catch_up.wants(entry):
+                    self._push(entry, catch_up.prefix, 0)
+            if not catch_up.done:
                 self._dirty.set()
 
     async def _deliver(self, entries: list[Entry], redeliveries: int) -> None:
@@ -158,8 +209,8 @@ class MailboxPump:
             if not (entry.expires_ms and entry.expires_ms <= now_ms):
                 self._push(entry, MAILBOX, redeliveries)
 
-    def _push(self, entry: Entry, kind: str, redeliveries: int) -> None:
-        delivery_id = kind + entry.stream_id
+    def _push(self, entry: Entry, prefix: str, redeliveries: int) -> None:
+        delivery_id = prefix + entry.stream_id
         self._in_flight.add(delivery_id)
         self._session.push(
             messaging_pb2.ServerEvent(
@@ -177,9 +228,9 @@ class MailboxPump:
             except AgentpostError:
                 self._acks[:0] = acks
                 raise
-        position, self._broadcast_ack = self._broadcast_ack, None
-        if position is not None:
-            await self._broadcasts.advance(self._session.agent_id, position)
+        positions, self._positions = self._positions, {}
+        for name, log_id in positions.items():
+            await self._logs.advance(self._session.agent_id, name, log_id)
 
 
 def _after(a: str, b: str) -> bool:

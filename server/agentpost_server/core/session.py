@@ -39,6 +39,7 @@ class LocalSession:
     broadcasts: bool = True
     max_buffered: int = 100_000
     subscriptions: set[str] = field(default_factory=set)
+    durable: dict[str, list[str]] = field(default_factory=dict)  # durable name -> patterns
     inbound_requests: dict[str, InboundRequest] = field(default_factory=dict)
     outgoing_requests: set[str] = field(default_factory=set)
     last_heard: float = field(default_factory=time.monotonic)

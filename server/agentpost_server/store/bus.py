@@ -24,6 +24,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from agentpost_server.bus.v1 import bus_pb2
+from agentpost_server.core.names import SYSTEM_PREFIX
 from agentpost_server.core.ports import Inbound, Lane, PresenceChange
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
@@ -31,10 +32,10 @@ from agentpost_server.store.writer import PipelineWriter
 
 log = logging.getLogger(__name__)
 
-# KEYS: broadcast log, broadcast channel; ARGV: Routed bytes, envelope bytes, log max length.
-# Appends the broadcast to the log, then publishes the Routed with its log id (field 8) added,
+# KEYS: log, channel; ARGV: Routed bytes, envelope bytes, log max length. Appends the message to
+# the log (broadcasts or topics), then publishes the Routed with its log id (field 8) added,
 # framed as one BusBatch item (field 1): the log id is only known inside the script.
-_BROADCAST = """
+_LOGGED = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
 local item = ARGV[1] .. string.char(0x42, #id) .. id
 local n, len = #item, ''
@@ -74,14 +75,14 @@ class RedisBus:
         server_id: str,
         writer: PipelineWriter,
         *,
-        broadcast_retention: int = 100_000,
+        broadcast_retention: int = 100_000,  # entries kept in each log
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._server_id = server_id
         self._writer = writer
-        self._broadcast = redis.register_script(_BROADCAST)
-        self._broadcast_retention = broadcast_retention
+        self._logged = redis.register_script(_LOGGED)
+        self._retention = broadcast_retention
         self._inbound: Inbound | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake_batch: asyncio.Future[None] | None = None
@@ -112,18 +113,19 @@ class RedisBus:
     def publish(self, lane: Lane, item: bus_pb2.Routed, server_id: str = "") -> asyncio.Future[Any]:
         if lane is Lane.SERVER:
             return self._writer.publish(self._keys.server_channel(server_id), _frame(item))
-        if lane is Lane.TOPICS:
-            return self._writer.publish(self._keys.topics_channel, _frame(item))
-        # Broadcasts are also logged, so agents that were away can catch up.
+        # Topic publishes and broadcasts are also logged, for agents that were away (broadcasts)
+        # and for durable subscriptions (topics). System events are not.
         k = self._keys
+        if lane is Lane.TOPICS:
+            if item.envelope.recipient.topic.startswith(SYSTEM_PREFIX):
+                return self._writer.publish(k.topics_channel, _frame(item))
+            keys = [k.topic_log, k.topics_channel]
+        else:
+            keys = [k.broadcast_log, k.broadcast_channel]
         return self._writer.run_script(
-            self._broadcast,
-            [k.broadcast_log, k.broadcast_channel],
-            [
-                item.SerializeToString(),
-                item.envelope.SerializeToString(),
-                self._broadcast_retention,
-            ],
+            self._logged,
+            keys,
+            [item.SerializeToString(), item.envelope.SerializeToString(), self._retention],
         )
 
     def wake(self, agent_id: str) -> None:

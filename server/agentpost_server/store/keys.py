@@ -15,6 +15,7 @@ class Keys:
         self.wake_channel = f"{prefix}:ch:wake"
         self.dead_letters = f"{prefix}:dead"  # STREAM of undeliverable messages, with reasons
         self.broadcast_log = f"{prefix}:broadcasts"  # STREAM of recent broadcasts
+        self.topic_log = f"{prefix}:topiclog"  # STREAM of recent topic publishes
 
     def agent(self, agent_id: str) -> str:
         """HASH: capabilities, metadata (JSON), first_seen, connected_since, last_seen (unix ms),
@@ -32,6 +33,14 @@ class Keys:
     def idempotency(self, sender: str, key: str) -> str:
         """STRING with a TTL: the message id first stored under a sender's idempotency key."""
         return f"{self.prefix}:idem:{sender}:{key}"
+
+    def durable_patterns(self, agent_id: str) -> str:
+        """HASH: durable subscription name -> its patterns (JSON list)."""
+        return f"{self.prefix}:dsub:{agent_id}"
+
+    def durable_positions(self, agent_id: str) -> str:
+        """HASH: durable subscription name -> the last topic-log id acknowledged."""
+        return f"{self.prefix}:dpos:{agent_id}"
 
     def server_alive(self, server_id: str) -> str:
         """STRING with a TTL, refreshed by the server's heartbeat."""
