@@ -61,6 +61,11 @@ class ConnectOptions:
     state_path: str | os.PathLike[str] | None = None
     #: How many recently delivered message ids are remembered to drop duplicates.
     dedupe_memory: int = 100_000
+    #: Message ids the application recorded as handled itself, in the same write as its own
+    #: side effects: they are never shown again. This is the airtight way to exactly-once
+    #: across crashes; `state_path` alone may show a message again whose handler finished in
+    #: the last moments before a crash.
+    handled_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "request_timeout", "reconnect_initial_backoff"):

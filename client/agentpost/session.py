@@ -140,7 +140,11 @@ class Session:
             kept_id, handled = file.open()
             self._keeper = StateKeeper(file, self._snapshot)
         introduce.instance_id = options.instance_id or kept_id or uuid.uuid4().hex
+        if options.handled_ids:
+            handled = [*handled, *options.handled_ids]
         if self._keeper is None:
+            if options.handled_ids:
+                self.inbox.restore(handled, keep=0)
             return
         self.inbox.restore(handled, keep=min(KEPT_IDS, options.dedupe_memory))
         try:
