@@ -44,7 +44,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_AGENT_NOT_FOUND: _ErrorReason.ValueType  # 5
     """NOT_FOUND: no agent with this id is known."""
     ERROR_REASON_AGENT_OFFLINE: _ErrorReason.ValueType  # 6
-    """NOT_FOUND: the agent is not connected, so a live message would be lost; nothing was sent."""
+    """NOT_FOUND: the agent is not connected, for an operation that needs a live session (the
+    general case of NO_RESPONDER; direct messages are kept instead).
+    """
     ERROR_REASON_NO_RESPONDER: _ErrorReason.ValueType  # 7
     """NOT_FOUND: a request's target has no connected session to answer it."""
     ERROR_REASON_PAYLOAD_TOO_LARGE: _ErrorReason.ValueType  # 8
@@ -92,7 +94,9 @@ an introduction).
 ERROR_REASON_AGENT_NOT_FOUND: ErrorReason.ValueType  # 5
 """NOT_FOUND: no agent with this id is known."""
 ERROR_REASON_AGENT_OFFLINE: ErrorReason.ValueType  # 6
-"""NOT_FOUND: the agent is not connected, so a live message would be lost; nothing was sent."""
+"""NOT_FOUND: the agent is not connected, for an operation that needs a live session (the
+general case of NO_RESPONDER; direct messages are kept instead).
+"""
 ERROR_REASON_NO_RESPONDER: ErrorReason.ValueType  # 7
 """NOT_FOUND: a request's target has no connected session to answer it."""
 ERROR_REASON_PAYLOAD_TOO_LARGE: ErrorReason.ValueType  # 8

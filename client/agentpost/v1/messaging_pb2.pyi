@@ -134,7 +134,11 @@ Global___ClientOperation: _TypeAlias = ClientOperation  # noqa: Y015
 
 @_typing.final
 class Acknowledge(_message.Message):
-    """Deliveries the agent has handled: they will not be delivered again."""
+    """Deliveries the agent has handled: they will not be delivered again. A delivery id stays valid
+    on a later session of the same instance. Broadcast acknowledgements are cumulative (they move
+    the agent's broadcast position); mailbox and durable-subscription ones are per delivery for
+    mailboxes and cumulative per subscription.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -474,7 +478,7 @@ class SubscribeTopics(_message.Message):
     durable_name: _builtins.str
     """Make the subscription durable under this name: it keeps its position while the agent is
     away, and every later session of the agent resumes it (deliveries carry a delivery id).
-    Empty: live only.
+    Subscribing again under an existing name replaces its patterns. Empty: live only.
     """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -503,7 +507,9 @@ class UnsubscribeTopics(_message.Message):
     PATTERNS_FIELD_NUMBER: _builtins.int
     DURABLE_NAME_FIELD_NUMBER: _builtins.int
     durable_name: _builtins.str
-    """Delete the durable subscription with this name."""
+    """Delete the durable subscription with this name (the patterns above, if any, are removed from
+    the live subscriptions as well).
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Patterns exactly as they were subscribed (live subscriptions)."""
@@ -588,7 +594,9 @@ class ServerEvent(_message.Message):
     to acknowledge. Unacknowledged deliveries come again after a reconnect or the ack timeout.
     """
     redeliveries: _builtins.int
-    """How many times this delivery was made before (0 the first time)."""
+    """0 when the message is delivered for the first time; more when it was delivered before (to
+    this instance or to one that went away) and not acknowledged. A lower bound.
+    """
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """The introduction was accepted; the session is open."""

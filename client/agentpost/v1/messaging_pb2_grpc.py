@@ -117,7 +117,7 @@ class AgentMessagingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Send(self, request, context):
-        """Send one direct message to a connected agent.
+        """Store one direct message in a known agent's mailbox (it waits there while the agent is away).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

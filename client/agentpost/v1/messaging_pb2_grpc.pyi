@@ -48,7 +48,7 @@ class AgentMessagingStub:
     operation id, and the server streams deliveries, replies and keep-alives.
     """
     Send: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.SendRequest, _messaging_pb2.SendResponse]
-    """Send one direct message to a connected agent."""
+    """Store one direct message in a known agent's mailbox (it waits there while the agent is away)."""
     Publish: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.PublishRequest, _messaging_pb2.PublishResponse]
     """Publish one message on a topic, or to every connected agent."""
     Request: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.RequestRequest, _messaging_pb2.RequestResponse]
@@ -86,7 +86,7 @@ class AgentMessagingAsyncStub(AgentMessagingStub):
     operation id, and the server streams deliveries, replies and keep-alives.
     """
     Send: _aio.UnaryUnaryMultiCallable[_messaging_pb2.SendRequest, _messaging_pb2.SendResponse]  # type: ignore[assignment]
-    """Send one direct message to a connected agent."""
+    """Store one direct message in a known agent's mailbox (it waits there while the agent is away)."""
     Publish: _aio.UnaryUnaryMultiCallable[_messaging_pb2.PublishRequest, _messaging_pb2.PublishResponse]  # type: ignore[assignment]
     """Publish one message on a topic, or to every connected agent."""
     Request: _aio.UnaryUnaryMultiCallable[_messaging_pb2.RequestRequest, _messaging_pb2.RequestResponse]  # type: ignore[assignment]
@@ -133,7 +133,7 @@ class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
         request: _messaging_pb2.SendRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_messaging_pb2.SendResponse, _abc.Awaitable[_messaging_pb2.SendResponse]]:
-        """Send one direct message to a connected agent."""
+        """Store one direct message in a known agent's mailbox (it waits there while the agent is away)."""
 
     @_abc_1.abstractmethod
     def Publish(
