@@ -135,9 +135,8 @@ Global___ClientOperation: _TypeAlias = ClientOperation  # noqa: Y015
 @_typing.final
 class Acknowledge(_message.Message):
     """Deliveries the agent has handled: they will not be delivered again. A delivery id stays valid
-    on a later session of the same instance. Broadcast acknowledgements are cumulative (they move
-    the agent's broadcast position); mailbox and durable-subscription ones are per delivery for
-    mailboxes and cumulative per subscription.
+    on a later session of the same instance. Mailbox acknowledgements are per delivery; broadcast
+    and durable-subscription ones are cumulative (they move the agent's position in that log).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
