@@ -82,8 +82,9 @@ class App:
                 writer,
                 max_len=s.mailbox_max_messages,
                 idempotency_ms=int(s.idempotency_window * 1000),
+                retry_ms=int(s.retry_window * 1000),
             ),
-            logs=RedisLogs(self._redis, keys),
+            logs=RedisLogs(self._redis, keys, writer),
             limits=_limits(s),
         )
         await self._bus.start(hub)

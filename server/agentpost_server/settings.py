@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     mailbox_max_messages: int = Field(100_000, gt=0, description="per-mailbox count limit")
     mailbox_max_age: float = Field(7 * 86400.0, gt=0, description="per-mailbox age limit, s")
     idempotency_window: float = Field(86400.0, gt=0, description="seconds a send key is kept")
+    retry_window: float = Field(120.0, gt=0, description="seconds an SDK retry key (~...) is kept")
     ack_timeout: float = Field(
         60.0, gt=0, description="seconds before an unacked delivery is redelivered"
     )

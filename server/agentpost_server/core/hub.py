@@ -1,9 +1,10 @@
 """The hub: this server process's sessions, and how a message finds its recipients.
 
-Outbound, the hub stamps an envelope (id, sender, time), picks the recipient session from the
-presence cache and hands the envelope to the bus; inbound, the bus hands it batches that the hub
-delivers to local sessions. Everything goes through the bus, even between two sessions of one
-process, so one server or ten behave alike.
+Outbound, the hub stamps an envelope (id, sender, time). A direct message goes to the
+recipient's mailbox (and a wake-up to every server); a request or reply goes to the server
+holding the chosen session (straight to it when that is this process); topic publishes and
+broadcasts go to every server. Inbound, the bus hands the hub batches that it delivers to local
+sessions.
 """
 
 from __future__ import annotations
@@ -383,7 +384,7 @@ class Hub:
             deadline_unix_ms=deadline_ms,
         )
         reply = self.requests.expect(envelope.id, seconds, to, session, operation_id)
-        sent = self._bus.publish(Lane.SERVER, routed, server_id)
+        sent = self._route(routed, server_id)
         return envelope, sent, reply
 
     def reply(
@@ -558,12 +559,22 @@ class Hub:
             target_session=inbound.reply_session,
             reply_operation=inbound.reply_operation,
         )
-        return envelope, self._bus.publish(Lane.SERVER, routed, inbound.reply_server)
+        return envelope, self._route(routed, inbound.reply_server)
 
     def _system_event(self, event: tuple[str, struct_pb2.Value]) -> None:
         envelope = events.system_envelope(self._ids.new(), *event)
         future = self._bus.publish(Lane.TOPICS, bus_pb2.Routed(envelope=envelope))
         future.add_done_callback(self._log_failure)
+
+    def _route(self, routed: bus_pb2.Routed, server_id: str) -> asyncio.Future[Any]:
+        """Requests and replies for a session of this very process skip Redis (as NATS does for
+        local subscribers); others go over the bus to the server holding the session."""
+        if server_id != self.server_id:
+            return self._bus.publish(Lane.SERVER, routed, server_id)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        self._on_addressed(routed)
+        return done
 
     def _log_failure(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -581,22 +592,23 @@ class Hub:
         topic: str = "",
         correlation_id: str = "",
     ) -> Envelope:
-        envelope = Envelope(
-            id=self._ids.new(),
-            sender=sender,
-            kind=kind,  # type: ignore[arg-type]
-            correlation_id=correlation_id,
-            headers=headers,
-            payload=payload,
-        )
+        envelope = Envelope(id=self._ids.new(), sender=sender, kind=kind)  # type: ignore[arg-type]
+        if correlation_id:
+            envelope.correlation_id = correlation_id
+        if payload is not None:
+            envelope.payload.CopyFrom(payload)
         if agent:
             envelope.recipient.agent_id = agent
         elif topic:
             envelope.recipient.topic = topic
         else:
             envelope.recipient.broadcast.SetInParent()
-        envelope.created_at.FromNanoseconds(time.time_ns())
-        size = envelope.payload.ByteSize() + sum(len(k) + len(v) for k, v in headers.items())
+        stamp = envelope.created_at
+        stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
+        size = envelope.payload.ByteSize()
+        if headers:
+            envelope.headers.update(headers)
+            size += sum(len(k) + len(v) for k, v in headers.items())
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLargeError(
                 f"the message is {size} bytes (payload and headers); the limit is"

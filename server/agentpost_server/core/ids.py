@@ -7,6 +7,13 @@ import secrets
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> two characters
+_MASK_80 = (1 << 80) - 1
+
+
+def _time_part(ms: int) -> str:
+    """48 bits of milliseconds as 10 characters."""
+    return "".join(_ALPHABET[(ms >> shift) & 31] for shift in range(45, -5, -5))
 
 
 class UlidFactory:
@@ -16,21 +23,29 @@ class UlidFactory:
     def __init__(self) -> None:
         self._last_ms = -1
         self._last_random = 0
+        self._prefix = ""
 
     def new(self, now_ms: int | None = None) -> str:
         ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         if ms <= self._last_ms:
-            ms = self._last_ms
-            self._last_random += 1
+            self._last_random = (self._last_random + 1) & _MASK_80
         else:
             self._last_ms = ms
             self._last_random = int.from_bytes(os.urandom(10), "big") >> 1
-        value = (ms << 80) | (self._last_random & ((1 << 80) - 1))
-        chars = []
-        for _ in range(26):
-            chars.append(_ALPHABET[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+            self._prefix = _time_part(ms)
+        r = self._last_random
+        p = _PAIRS
+        return (
+            self._prefix
+            + p[r >> 70]
+            + p[(r >> 60) & 1023]
+            + p[(r >> 50) & 1023]
+            + p[(r >> 40) & 1023]
+            + p[(r >> 30) & 1023]
+            + p[(r >> 20) & 1023]
+            + p[(r >> 10) & 1023]
+            + p[r & 1023]
+        )
 
 
 def new_session_id() -> str:

@@ -1,5 +1,7 @@
-"""What each operation on a Connect stream does. Every operation gets exactly one answer with its
-operation id: `accepted` once the bus has taken the message, or `error`."""
+"""What each operation on a Connect stream does. Each operation gets one answer with its operation
+id: `accepted` once the message is stored or handed to the bus, or `error`. Exceptions, to save a
+frame each way: a request is answered by its `reply` event (or an `error`); a reply, a keep-alive
+and an acknowledgement are answered only when they fail."""
 
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ async def handle(hub: Hub, session: LocalSession, op: messaging_pb2.ClientOperat
             _answer_request_when_sent(hub, session, op_id, envelope, sent)
         elif kind == "reply":
             envelope, sent = hub.reply(session, op.reply)
-            _answer_when_sent(session, op_id, envelope, sent)
+            _fail_if_not_sent(session, op_id, sent)
         elif kind == "subscribe":
             patterns = [names.check_pattern(p, "patterns") for p in op.subscribe.patterns]
             if op.subscribe.durable_name:
@@ -134,9 +136,24 @@ def _answer_request_when_sent(
 ) -> None:
     def done(future: asyncio.Future[Any]) -> None:
         error = _outcome(future)
-        if error is None:
-            session.answer(op_id, envelope.id, envelope.created_at)
-        else:
+        if error is not None:
             hub.requests.fail(envelope.id, error)
 
-    sent.add_done_callback(done)
+    if sent.done():
+        done(sent)
+    else:
+        sent.add_done_callback(done)
+
+
+def _fail_if_not_sent(session: LocalSession, op_id: str, sent: asyncio.Future[Any]) -> None:
+    """A reply is answered only when it could not be sent."""
+
+    def done(future: asyncio.Future[Any]) -> None:
+        error = _outcome(future)
+        if error is not None:
+            session.fail(op_id, to_error_proto(error))
+
+    if sent.done():
+        done(sent)
+    else:
+        sent.add_done_callback(done)

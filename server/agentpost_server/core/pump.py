@@ -230,7 +230,7 @@ class MailboxPump:
                 raise
         positions, self._positions = self._positions, {}
         for name, log_id in positions.items():
-            await self._logs.advance(self._session.agent_id, name, log_id)
+            self._logs.advance(self._session.agent_id, name, log_id).add_done_callback(_log_error)
 
 
 def _after(a: str, b: str) -> bool:
@@ -238,3 +238,8 @@ def _after(a: str, b: str) -> bool:
     a_ms, _, a_seq = a.partition("-")
     b_ms, _, b_seq = b.partition("-")
     return (int(a_ms or 0), int(a_seq or 0)) > (int(b_ms or 0), int(b_seq or 0))
+
+
+def _log_error(future: asyncio.Future[object]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a log position was not saved: %s", future.exception())

@@ -59,6 +59,7 @@ def build_worker(settings: Settings, redis_url: str, *, handle_signals: bool) ->
             writer,
             max_len=settings.mailbox_max_messages,
             idempotency_ms=int(settings.idempotency_window * 1000),
+            retry_ms=int(settings.retry_window * 1000),
         )
         ctx.update(
             bus=bus,

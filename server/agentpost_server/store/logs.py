@@ -4,7 +4,9 @@ that were away catch up from their position; acknowledgements move it forward, n
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -13,6 +15,7 @@ from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
 from agentpost_server.store.mailbox import _entries
 from agentpost_server.store.presence import _text, _wait
+from agentpost_server.store.writer import PipelineWriter
 
 BROADCASTS = ""  # the position name of the broadcast log
 
@@ -31,9 +34,10 @@ return 1
 
 
 class RedisLogs:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, writer: PipelineWriter) -> None:
         self._redis = redis
         self._keys = keys
+        self._writer = writer
         self._advance = redis.register_script(_ADVANCE)
 
     def _log_key(self, log: str) -> str:
@@ -63,10 +67,11 @@ class RedisLogs:
             value = await _wait(self._redis.hget(key, field))
         return _text(value) if value else "0-0"
 
-    async def advance(self, agent_id: str, name: str, log_id: str) -> None:
+    def advance(self, agent_id: str, name: str, log_id: str) -> asyncio.Future[Any]:
+        """Queued on the writer with the other hot-path writes (not awaited by the pump: a
+        position lost to a crash only means a broadcast shown again, and dropped by the SDK)."""
         key, field = self._position_of(agent_id, name)
-        with unavailable_on_redis_error("moving a position"):
-            await self._advance(keys=[key], args=[field, log_id])
+        return self._writer.run_script(self._advance, [key], [field, log_id])
 
     async def durable_subscriptions(self, agent_id: str) -> dict[str, list[str]]:
         with unavailable_on_redis_error("reading durable subscriptions"):

@@ -70,12 +70,14 @@ class RedisMailboxes:
         *,
         max_len: int,
         idempotency_ms: int,
+        retry_ms: int = 120_000,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._writer = writer
         self._max_len = max_len
         self._idempotency_ms = idempotency_ms
+        self._retry_ms = retry_ms
         self._append = redis.register_script(_APPEND)
 
     def append(
@@ -90,6 +92,8 @@ class RedisMailboxes:
         one for a repeated idempotency key) or None when the agent is unknown."""
         k = self._keys
         idem = k.idempotency(sender, idempotency_key) if idempotency_key else ""
+        # "~" keys are the SDK's own, only for retries after a lost connection: kept briefly.
+        keep_ms = self._retry_ms if idempotency_key.startswith("~") else self._idempotency_ms
         return self._writer.run_script(
             self._append,
             [k.mailbox(agent_id), idem, k.dead_letters, k.agent(agent_id), k.agents],
@@ -97,7 +101,7 @@ class RedisMailboxes:
                 envelope.SerializeToString(),
                 envelope.id,
                 expires_ms,
-                self._idempotency_ms,
+                keep_ms,
                 self._max_len,
                 time.time_ns() // 1_000_000,
                 agent_id,
