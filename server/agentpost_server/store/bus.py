@@ -87,6 +87,7 @@ class RedisBus:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake_batch: asyncio.Future[None] | None = None
         self._woken: set[str] = set()
+        self._woken_batch_watched = False
         self._subscribed = asyncio.Event()
         self._closing = False
         self._lanes = {
@@ -133,9 +134,12 @@ class RedisBus:
         the writes queued so far, once per agent per batch."""
         batch = self._writer.batch()
         if batch is not self._wake_batch:
-            self._wake_batch, self._woken = batch, set()
+            self._wake_batch, self._woken, self._woken_batch_watched = batch, set(), False
         if agent_id not in self._woken:
             self._woken.add(agent_id)
+            if not self._woken_batch_watched:
+                self._woken_batch_watched = True
+                batch.add_done_callback(_consume)  # the sends report failures themselves
             self._writer.publish(self._keys.wake_channel, _wake_frame(agent_id))
 
     async def announce(self, change: PresenceChange) -> None:
@@ -187,3 +191,8 @@ class RedisBus:
             log.warning("undecodable bus message on %r dropped: %s", channel, exc)
         except Exception:
             log.exception("delivering a bus message failed")
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

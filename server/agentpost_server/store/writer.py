@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agentpost.errors import UnavailableError
 
@@ -104,6 +104,10 @@ class PipelineWriter:
                         UnavailableError("storage is unavailable (write failed); retry later"),
                     )
                     continue
+                except Exception:
+                    log.exception("redis write failed unexpectedly")
+                    self._fail(batch, scripts, UnavailableError("storage write failed; retry"))
+                    continue
                 except BaseException:
                     self._fail(batch, scripts, UnavailableError("the server is stopping"))
                     raise
@@ -136,26 +140,47 @@ class PipelineWriter:
         self._batch_future()
 
     async def _send(self, scripts: list[_Script], publishes: list[tuple[str, bytes]]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in scripts:
-                # EVALSHA without redis-py's per-execute SCRIPT EXISTS check; a NOSCRIPT
-                # answer (Redis restarted) reloads the script and retries the call.
-                pipe.evalsha(item.script.sha, len(item.keys), *item.keys, *item.args)
-            by_channel: dict[str, list[bytes]] = {}
-            for channel, frame in publishes:
-                by_channel.setdefault(channel, []).append(frame)
-            for channel, frames in by_channel.items():
-                chunk: list[bytes] = []
-                size = 0
-                for frame in frames:
-                    full = len(chunk) >= MAX_ITEMS_PER_PUBLISH
-                    if chunk and (full or size + len(frame) > MAX_BYTES_PER_PUBLISH):
-                        pipe.publish(channel, b"".join(chunk))
-                        chunk, size = [], 0
-                    chunk.append(frame)
-                    size += len(frame)
-                pipe.publish(channel, b"".join(chunk))
-            return list(await pipe.execute(raise_on_error=False))
+        """One write of every command, RESP-encoded here (redis-py's generic packer costs more
+        than the rest of the hot path together), then one reply read per command."""
+        out: list[bytes] = []
+        count = 0
+        for item in scripts:
+            # EVALSHA without a SCRIPT EXISTS check per batch; a NOSCRIPT answer (Redis
+            # restarted) reloads the script and retries the call.
+            _command(out, (b"EVALSHA", item.script.sha, len(item.keys), *item.keys, *item.args))
+            count += 1
+        by_channel: dict[str, list[bytes]] = {}
+        for channel, frame in publishes:
+            by_channel.setdefault(channel, []).append(frame)
+        for channel, frames in by_channel.items():
+            chunk: list[bytes] = []
+            size = 0
+            for frame in frames:
+                full = len(chunk) >= MAX_ITEMS_PER_PUBLISH
+                if chunk and (full or size + len(frame) > MAX_BYTES_PER_PUBLISH):
+                    _command(out, (b"PUBLISH", channel, b"".join(chunk)))
+                    count += 1
+                    chunk, size = [], 0
+                chunk.append(frame)
+                size += len(frame)
+            _command(out, (b"PUBLISH", channel, b"".join(chunk)))
+            count += 1
+        pool = self._redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(b"".join(out), check_health=False)
+            results: list[Any] = []
+            for _ in range(count):
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+        return results
 
     @staticmethod
     def _fail(
@@ -166,3 +191,18 @@ class PipelineWriter:
                 item.future.set_exception(error)
         if batch is not None and not batch.done():
             batch.set_exception(error)
+
+
+def _command(out: list[bytes], args: tuple[Any, ...]) -> None:
+    """Append one RESP array of bulk strings."""
+    out.append(b"*%d\r\n" % len(args))
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = str(arg).encode()
+        out.append(b"$%d\r\n" % len(data))
+        out.append(data)
+        out.append(b"\r\n")
