@@ -1,0 +1,213 @@
+"""`python -m bench [--quick] [--only direct,request,broadcast,ceiling] [--profile DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from agentpost.errors import AgentpostError
+from bench import ceiling, procs, scenarios
+from bench.probe import Probe, summarize
+from bench.report import machine, table, write_json
+from bench.stats import Run
+
+PARTS = ("direct", "request", "broadcast", "ceiling")
+DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
+FULL = {
+    "direct": 50_000,
+    "window": 2_000,
+    "request_1": 3_000,
+    "request_16": 20_000,
+    "agents": 100,
+    "rounds": 20,
+}
+QUICK = {
+    "direct": 5_000,
+    "window": 2_000,
+    "request_1": 300,
+    "request_16": 2_000,
+    "agents": 100,
+    "rounds": 5,
+}
+#: Seconds without progress after which a pattern gives up (and per request).
+TIMEOUT = 20.0
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run (< 30 s)")
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy profiles of server and client per pattern into DIR",
+    )
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write JSON")
+    args = parser.parse_args(argv)
+    args.parts = {part.strip() for part in args.only.split(",") if part.strip()}
+    unknown = args.parts - set(PARTS)
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {PARTS}")
+    return args
+
+
+class Outcomes:
+    """The runs that finished and, by name, why the others failed (the rest still runs)."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Run] = {}
+        self.failures: dict[str, str] = {}
+        self.profiles: list[Path] = []
+
+    async def attempt(self, name: str, what: str, work: Coroutine[Any, Any, Run]) -> None:
+        _progress(what)
+        try:
+            self.results[name] = await work
+        except (procs.BenchError, AgentpostError, TimeoutError) as exc:
+            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            self.failures[name] = reason
+            _progress(f"{name} FAILED: {reason}")
+
+
+async def run_agentpost(
+    outcomes: Outcomes,
+    parts: set[str],
+    sizes: dict[str, int],
+    directory: Path,
+    pin: bool,
+    profile: Path | None,
+) -> None:
+    with procs.redis_server(directory) as redis:
+        async with procs.agentpost_server(redis.target, directory, pin=pin) as server:
+            pids = {"server": server.pid, "client": os.getpid(), "redis": redis.pid}
+            probe = Probe(pids, profile)
+            target = server.target
+            if "direct" in parts:
+                await outcomes.attempt(
+                    "direct",
+                    "agentpost direct one-way",
+                    scenarios.direct(
+                        target,
+                        count=sizes["direct"],
+                        window=sizes["window"],
+                        probe=probe,
+                        timeout=TIMEOUT,
+                    ),
+                )
+            if "request" in parts:
+                for callers in (1, 16):
+                    await outcomes.attempt(
+                        f"request-{callers}",
+                        f"agentpost request/response, {callers} caller(s)",
+                        scenarios.request(
+                            target,
+                            count=sizes[f"request_{callers}"],
+                            callers=callers,
+                            probe=probe,
+                            name=f"request-{callers}",
+                            timeout=TIMEOUT,
+                        ),
+                    )
+            if "broadcast" in parts:
+                await outcomes.attempt(
+                    "broadcast",
+                    f"agentpost broadcast to {sizes['agents']} agents",
+                    scenarios.broadcast(
+                        target,
+                        agents=sizes["agents"],
+                        rounds=sizes["rounds"],
+                        probe=probe,
+                        timeout=TIMEOUT,
+                    ),
+                )
+            server.check_alive()
+    outcomes.profiles += probe.profiles
+
+
+async def run_ceiling(
+    outcomes: Outcomes, sizes: dict[str, int], directory: Path, pin: bool, profile: Path | None
+) -> None:
+    async with procs.relay_server(directory, pin=pin) as relay:
+        probe = Probe({"relay": relay.pid, "client": os.getpid()}, profile)
+        await outcomes.attempt(
+            "ceiling-one-way",
+            "ceiling: raw relay one-way",
+            ceiling.one_way(relay.target, count=sizes["direct"], probe=probe, timeout=TIMEOUT),
+        )
+        for callers in (1, 16):
+            await outcomes.attempt(
+                f"ceiling-echo-{callers}",
+                f"ceiling: raw unary echo, {callers} caller(s)",
+                ceiling.echo(
+                    relay.target,
+                    count=sizes[f"request_{callers}"],
+                    callers=callers,
+                    probe=probe,
+                    name=f"ceiling-echo-{callers}",
+                ),
+            )
+        relay.check_alive()
+    outcomes.profiles += probe.profiles
+
+
+async def run(args: argparse.Namespace, sizes: dict[str, int], pin: bool) -> Outcomes:
+    outcomes = Outcomes()
+    with procs.workdir() as directory:
+        if args.parts - {"ceiling"}:
+            await run_agentpost(outcomes, args.parts, sizes, directory, pin, args.profile)
+        if "ceiling" in args.parts:
+            await run_ceiling(outcomes, sizes, directory, pin, args.profile)
+    for path in outcomes.profiles:
+        if path.exists():
+            print(summarize(path), end="\n\n")
+    return outcomes
+
+
+def _progress(what: str) -> None:
+    print(f"... {what}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    pin = not args.no_pin and procs.can_pin()
+    if pin:
+        procs.pin_self()  # before grpc starts its threads: they inherit the affinity
+    sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
+    try:
+        outcomes = asyncio.run(run(args, sizes, pin))
+    except procs.BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    results, failures = outcomes.results, outcomes.failures
+    info = machine(pin)
+    placement = (
+        f"server/relay on core {procs.SERVER_CORE}, clients on core {procs.CLIENT_CORE},"
+        " redis unpinned"
+        if pin
+        else "processes not pinned"
+    )
+    header = (
+        f"agentpost bench: {info['cpus']} cpus, Python {info['python']}, grpcio {info['grpcio']},"
+        f" {placement}; {time.monotonic() - started:.0f}s"
+    )
+    print(table(results, sizes, header, failures))
+    write_json(args.json, results, sizes, info, failures)
+    print(f"\nJSON: {args.json}")
+    return 0 if not failures and all(run.complete for run in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
