@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy client/agentpost server/agentpost_server
+	$(BIN)/mypy client/agentpost server/agentpost_server bench
 
 proto: $(STAMP)
 	$(BIN)/python scripts/genproto.py
