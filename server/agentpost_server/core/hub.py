@@ -30,7 +30,7 @@ from agentpost.errors import (
 )
 from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2
 from agentpost_server.bus.v1 import bus_pb2
-from agentpost_server.core import events, names, pump
+from agentpost_server.core import events, fanout, names
 from agentpost_server.core.ids import UlidFactory, new_instance_id
 from agentpost_server.core.limits import Limits
 from agentpost_server.core.ports import (
@@ -46,7 +46,6 @@ from agentpost_server.core.pump import MailboxPump
 from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
-from agentpost_server.core.topics import pattern_matches
 
 log = logging.getLogger(__name__)
 
@@ -416,33 +415,11 @@ class Hub:
             for item in batch.items:
                 self._on_addressed(item)
         elif lane is Lane.WAKE:
-            for agent_id in batch.wake:
-                for session in self.registry.by_agent.get(agent_id, ()):
-                    if session.pump is not None:
-                        session.pump.wake()
+            fanout.wake(self.registry, batch)
         elif lane is Lane.TOPICS:
-            for item in batch.items:
-                envelope = item.envelope
-                topic = envelope.recipient.topic
-                for session in self.registry.topics.match(topic):
-                    if item.include_self or not _is_own(session, envelope.sender):
-                        _deliver_topic(session, envelope, item.log_id)
+            fanout.topics(self.registry, batch)
         else:
-            for item in batch.items:
-                envelope = item.envelope
-                logged = messaging_pb2.ServerEvent(
-                    delivery=envelope, delivery_id=pump.BROADCAST + item.log_id
-                )
-                plain = messaging_pb2.ServerEvent(delivery=envelope)
-                for session in self.registry.sessions.values():
-                    if not session.broadcasts or (
-                        not item.include_self and _is_own(session, envelope.sender)
-                    ):
-                        continue
-                    if session.pump is None or not item.log_id:
-                        session.push(plain)
-                    elif session.pump.live(pump.BROADCASTS, item.log_id):
-                        session.push(logged)
+            fanout.broadcasts(self.registry, batch)
 
     # ---- upkeep -----------------------------------------------------------------------------
 
@@ -633,26 +610,3 @@ class Hub:
     def _check_accepting(self) -> None:
         if not self.accepting:
             raise ServerShuttingDownError("the server is shutting down; connect to another one")
-
-
-def _is_own(session: LocalSession, sender: str) -> bool:
-    """A publish skips the sender's own agent sessions (receive-only subscriptions of unary
-    callers are never "own": every such caller may share the name "anonymous")."""
-    return session.registered and session.agent_id == sender
-
-
-def _deliver_topic(session: LocalSession, envelope: Envelope, log_id: str) -> None:
-    """Live topic delivery: with a delivery id when one of the session's durable subscriptions
-    covers the topic (unless that subscription's catch-up will deliver it), else plain."""
-    if session.durable and log_id and session.pump is not None:
-        tokens = envelope.recipient.topic.split(".")
-        for name, patterns in session.durable.items():
-            if any(pattern_matches(p.split("."), tokens) for p in patterns):
-                if session.pump.live(name, log_id):
-                    session.push(
-                        messaging_pb2.ServerEvent(
-                            delivery=envelope, delivery_id=f"{pump.TOPIC}{name}:{log_id}"
-                        )
-                    )
-                return
-    session.deliver(envelope)
