@@ -8,6 +8,12 @@ Acknowledgements are not queued one by one: at every write the writer asks the s
 the delivery ids waiting (`TakeAcks`) and adds them to the frame as one `Acknowledge`. The
 writer never waits for the reader, so acknowledgements go out while the reader is blocked on
 a full inbox.
+
+What answers what: most operations get `accepted` or `error` (`accepts`); a request gets its
+`reply` or `error` (`replies`); a reply, an acknowledgement and a keep-alive get an answer only
+when they fail. Nothing is recorded for those: a reply's operation id names its request
+(`reply_operation_id`), so a refusal can be logged as what it is. An `accepted` that nobody
+waits for (an older server answered a request or a reply with one) is ignored.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ MAX_FRAME_BYTES = 1024 * 1024
 #: Keep-alive period assumed when the server's Welcome does not name one.
 DEFAULT_KEEPALIVE = 10.0
 _OPERATIONS_TAG = 0x0A  # ConnectRequest.operations: field 1, length-delimited
+_SMALL_HEADS = [bytes((_OPERATIONS_TAG, size)) for size in range(0x80)]  # one-byte lengths
+_REPLY_MARK = "r:"  # starts the operation id of a reply (counted operation ids are digits)
 
 #: Hands a `delivery` event on (the session's inbox or a request handler).
 Deliver = Callable[["Link", messaging_pb2.ServerEvent], Awaitable[None]]
@@ -54,7 +62,7 @@ def frame_piece(operation: bytes) -> bytes:
     """One serialized `ClientOperation` as it appears inside a serialized `ConnectRequest`."""
     size = len(operation)
     if size < 0x80:
-        return bytes((_OPERATIONS_TAG, size)) + operation
+        return _SMALL_HEADS[size] + operation
     head = bytearray((_OPERATIONS_TAG,))
     while size >= 0x80:
         head.append((size & 0x7F) | 0x80)
@@ -66,6 +74,11 @@ def frame_piece(operation: bytes) -> bytes:
 _KEEP_ALIVE = frame_piece(
     messaging_pb2.ClientOperation(keep_alive=messaging_pb2.KeepAlive()).SerializeToString()
 )
+
+
+def reply_operation_id(request_id: str) -> str:
+    """The operation id of the reply to `request_id` (the server echoes it if it refuses it)."""
+    return _REPLY_MARK + request_id
 
 
 def check_size(operation: messaging_pb2.ClientOperation, limit: int) -> None:
@@ -136,6 +149,8 @@ class Link:
         take_acks: TakeAcks | None = None,
     ) -> None:
         self.welcome = welcome
+        #: The largest payload (with headers) the server takes; 0: not announced.
+        self.max_payload_bytes = welcome.max_payload_bytes
         self.state = LinkState.OPEN
         #: The topic patterns the introduction of this stream subscribed to.
         self.introduced_subscriptions: frozenset[str] = frozenset()
@@ -322,6 +337,14 @@ class Link:
         if reply is not None:
             if not reply.done():
                 reply.set_exception(exc)
+            return
+        if operation_id.startswith(_REPLY_MARK):
+            logger.warning(
+                "the server refused the reply to request %s, so the requester does not get it: %s",
+                operation_id.removeprefix(_REPLY_MARK),
+                exc.message,
+                extra={"request_id": operation_id.removeprefix(_REPLY_MARK)},
+            )
             return
         # Nobody waits for this one: an acknowledgement the server refused, for example.
         logger.warning("the server refused operation %s: %s", operation_id, exc.message)

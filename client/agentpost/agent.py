@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import math
-import uuid
+import secrets
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -27,11 +28,14 @@ from agentpost import _status
 from agentpost.config import ConnectOptions
 from agentpost.errors import InvalidArgumentError, UnavailableError
 from agentpost.message import Message
-from agentpost.payload import fill_payload, fill_struct
+from agentpost.payload import fill_headers, fill_payload, fill_struct
 from agentpost.session import RequestHandler, Session
 from agentpost.v1 import messaging_pb2
 
-__all__ = ["Agent", "AgentConnector", "RequestHandler", "connect"]
+__all__ = ["RETRY_KEY_PREFIX", "Agent", "AgentConnector", "RequestHandler", "RetryKeys", "connect"]
+
+#: Starts the idempotency keys the SDK makes up for a send; a caller's own keys must not.
+RETRY_KEY_PREFIX = "~"
 
 H = TypeVar("H", bound=RequestHandler)
 
@@ -106,6 +110,7 @@ class Agent:
     def __init__(self, session: Session, agent_id: str) -> None:
         self._session = session
         self._agent_id = agent_id
+        self._retry_key = RetryKeys()
 
     # ----------------------------------------------------------------- identity
 
@@ -165,23 +170,32 @@ class Agent:
         registered). With `ttl` (seconds), the message goes to the dead letters if it is not
         delivered in time.
 
-        Every send carries an `idempotency_key` (a new one when not given): if the connection
-        is lost before the answer, the send is repeated with the same key on the next stream,
-        until `connect_timeout`, and the server stores the message only once. So this returns
-        the id of a message stored exactly once, or raises; if it raises `UnavailableError`,
-        `error.metadata["idempotency_key"]` is the key to retry with.
+        Every send carries an idempotency key: if the connection is lost before the answer,
+        the send is repeated with the same key on the next stream, until `connect_timeout`,
+        and the server stores the message only once. So this returns the id of a message
+        stored exactly once, or raises.
+
+        Without an `idempotency_key`, the SDK makes up a transport-retry key (it starts with
+        "~"), which the server remembers only for a short retry window (two minutes by
+        default; keep `connect_timeout` well below it): enough for the repeats above, not for
+        retrying the call yourself later. To retry yourself (after an `UnavailableError`, or
+        after a restart), pass your own key: the server remembers it for a day by default and
+        answers a repeated send with the first message's id. Your own keys must not start with
+        "~" (`InvalidArgumentError`). If this raises `UnavailableError` for a send with your
+        own key, `error.metadata["idempotency_key"]` is that key.
         """
         operation = messaging_pb2.ClientOperation()
         send = operation.send
         send.to = to
         fill_payload(send.payload, payload, content_type=content_type)
         if headers:
-            send.headers.update(headers)
-        fill_send_options(send, ttl, idempotency_key)
+            fill_headers(send.headers, headers)
+        fill_send_options(send, ttl, idempotency_key, self._retry_key)
         try:
             return (await self._session.call_retrying(operation)).message_id
         except UnavailableError as exc:
-            exc.metadata.setdefault("idempotency_key", send.idempotency_key)
+            if idempotency_key is not None:  # not the short-lived key: that one is no use later
+                exc.metadata.setdefault("idempotency_key", idempotency_key)
             raise
 
     async def publish(
@@ -223,7 +237,7 @@ class Agent:
         publish = operation.publish
         fill_payload(publish.payload, payload, content_type=content_type)
         if headers:
-            publish.headers.update(headers)
+            fill_headers(publish.headers, headers)
         publish.include_self = include_self
         return (await self._session.call(operation)).message_id
 
@@ -251,7 +265,7 @@ class Agent:
         request.to = to
         fill_payload(request.payload, payload, content_type=content_type)
         if headers:
-            request.headers.update(headers)
+            fill_headers(request.headers, headers)
         request.timeout.FromNanoseconds(int(timeout * 1e9))
         envelope = await self._session.request(operation, timeout)
         if envelope.HasField("error"):
@@ -364,22 +378,44 @@ class Agent:
         return f"<Agent {self._agent_id!r} at {self._session.target}>"
 
 
+class RetryKeys:
+    """Makes up transport-retry idempotency keys: "~", 12 random characters drawn once, and a
+    counter. The server scopes keys by sender and forgets "~" keys after its retry window, so
+    a key only has to differ from the sender's other keys of the last minutes: the counter
+    sees to that within a process, 72 random bits between processes (replicas, restarts)."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = RETRY_KEY_PREFIX + secrets.token_urlsafe(9)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
 def fill_send_options(
     send: messaging_pb2.SendMessage | messaging_pb2.SendRequest,
     ttl: float | None,
     idempotency_key: str | None,
+    retry_key: RetryKeys,
 ) -> None:
-    """Set a send's `ttl` (seconds) and its idempotency key (a new random one when None)."""
+    """Set a send's `ttl` (seconds) and its idempotency key (`retry_key()` when None)."""
     if ttl is not None:
         if not (ttl > 0 and math.isfinite(ttl)):
             raise InvalidArgumentError("ttl must be positive and finite", metadata={"field": "ttl"})
         send.ttl.FromNanoseconds(int(ttl * 1e9))
-    if idempotency_key is not None and not idempotency_key:
-        raise InvalidArgumentError(
-            "idempotency_key must not be empty (None: a new one)",
-            metadata={"field": "idempotency_key"},
+    if idempotency_key is None:
+        idempotency_key = retry_key()
+    elif not idempotency_key or idempotency_key.startswith(RETRY_KEY_PREFIX):
+        why = (
+            "must not be empty (None: the SDK makes one up)"
+            if not idempotency_key
+            else f"must not start with {RETRY_KEY_PREFIX!r}, the mark of the SDK's own"
+            " short-lived retry keys"
         )
-    send.idempotency_key = idempotency_key or uuid.uuid4().hex
+        raise InvalidArgumentError(f"idempotency_key {why}", metadata={"field": "idempotency_key"})
+    send.idempotency_key = idempotency_key
 
 
 def _durable_name(durable: str | None) -> str:

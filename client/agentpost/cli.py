@@ -22,6 +22,7 @@ import datetime
 import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -251,13 +252,15 @@ def _send(args: argparse.Namespace) -> int:
     payload = parse_payload(args.payload, raw=args.raw)
     options = ConnectOptions(request_timeout=args.timeout)
 
+    # A key of our own, not the SDK's short-lived retry key: the error below offers it for a
+    # later retry (one stored key per CLI send is cheap).
+    key = args.idempotency_key
+    if key is None:
+        key = secrets.token_urlsafe(16)
+
     async def run(client: Client) -> str:
         return await client.send(
-            args.to,
-            payload,
-            headers=dict(args.header),
-            ttl=args.ttl,
-            idempotency_key=args.idempotency_key,
+            args.to, payload, headers=dict(args.header), ttl=args.ttl, idempotency_key=key
         )
 
     try:

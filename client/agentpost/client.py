@@ -18,12 +18,12 @@ from typing import Any, Literal, TypeVar
 import grpc
 
 from agentpost import _status
-from agentpost.agent import fill_send_options
+from agentpost.agent import RetryKeys, fill_send_options
 from agentpost.config import ConnectOptions
 from agentpost.errors import InvalidArgumentError, UnavailableError
 from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message, agent_info_from_proto
-from agentpost.payload import fill_payload, fill_struct
+from agentpost.payload import fill_headers, fill_payload, fill_struct
 from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
 
 __all__ = ["AGENT_ID_METADATA", "Client", "Presence"]
@@ -62,6 +62,7 @@ class Client:
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: messaging_pb2_grpc.AgentMessagingAsyncStub | None = None
+        self._retry_key = RetryKeys()
 
     def _get_stub(self) -> messaging_pb2_grpc.AgentMessagingAsyncStub:
         if self._stub is None:
@@ -109,21 +110,25 @@ class Client:
 
         Raises `AgentNotFoundError` if no agent `to` is known. `ttl` and `idempotency_key` work
         as in `Agent.send`: while the server is unavailable the send is repeated with the same
-        key, within `request_timeout`; a final `UnavailableError` carries the key in
-        `metadata["idempotency_key"]`.
+        key, within `request_timeout`. Without an `idempotency_key` the SDK makes up a
+        short-lived transport-retry key (starting with "~", kept by the server only for its
+        retry window, two minutes by default); to retry later yourself, pass your own key,
+        which must not start with "~" (a final `UnavailableError` then carries it in
+        `metadata["idempotency_key"]`).
         """
         request = messaging_pb2.SendRequest(to=to)
         fill_payload(request.payload, payload, content_type=content_type)
         if headers:
-            request.headers.update(headers)
-        fill_send_options(request, ttl, idempotency_key)
+            fill_headers(request.headers, headers)
+        fill_send_options(request, ttl, idempotency_key, self._retry_key)
         stub = self._get_stub()
         try:
             response = await self._call_retrying(
                 lambda timeout: stub.Send(request, timeout=timeout, metadata=self._metadata)
             )
         except UnavailableError as exc:
-            exc.metadata.setdefault("idempotency_key", request.idempotency_key)
+            if idempotency_key is not None:  # not the short-lived key: that one is no use later
+                exc.metadata.setdefault("idempotency_key", idempotency_key)
             raise
         return response.message_id
 
@@ -163,7 +168,7 @@ class Client:
     ) -> str:
         fill_payload(request.payload, payload, content_type=content_type)
         if headers:
-            request.headers.update(headers)
+            fill_headers(request.headers, headers)
         stub = self._get_stub()
         call = stub.Publish(request, timeout=self.options.request_timeout, metadata=self._metadata)
         return (await self._call(call)).message_id
@@ -188,7 +193,7 @@ class Client:
         request = messaging_pb2.RequestRequest(to=to)
         fill_payload(request.payload, payload, content_type=content_type)
         if headers:
-            request.headers.update(headers)
+            fill_headers(request.headers, headers)
         request.timeout.FromNanoseconds(int(timeout * 1e9))
         stub = self._get_stub()
         call = stub.Request(request, timeout=timeout + _REQUEST_MARGIN, metadata=self._metadata)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import reprlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2
@@ -28,6 +29,11 @@ __all__ = [
 _UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=_UTC)
 _timedelta = datetime.timedelta
+_REQUEST = envelope_pb2.MESSAGE_KIND_REQUEST
+# Shows a payload in a message's repr, cut short: a repr ends up in logs and tracebacks.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
 
 #: Sends the reply to a request: (request id, payload, headers, content type).
 Replier = Callable[[str, Any, Mapping[str, str] | None, str | None], Awaitable[None]]
@@ -55,8 +61,18 @@ _KINDS = {
     envelope_pb2.MESSAGE_KIND_EVENT: MessageKind.EVENT,
 }
 
+_MESSAGE = MessageKind.MESSAGE
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+
+class _Unset(enum.Enum):
+    """Marks a field of a `Message` that is not decoded yet."""
+
+    UNSET = 0
+
+
+_UNSET: Final = _Unset.UNSET
+
+
 class Message:
     """One delivered message. Build it with `Message.from_envelope`; the raw proto is `envelope`.
 
@@ -64,27 +80,53 @@ class Message:
     `payload` is the decoded body: JSON data, `bytes` (see `content_type`) or `None` when empty.
     `delivery_id` is set when the server wants an acknowledgement (mailbox messages, broadcasts,
     durable subscriptions: see `ack()`), and `redeliveries` counts earlier deliveries of it.
+
+    A message is a read-only view of its `envelope` (treat that proto as read-only too): the
+    fields are read from it on access, and `payload`, `headers` and `created_at` are decoded
+    on first access and then kept, so a message costs little until it is looked at. Its
+    attributes cannot be assigned. Messages are equal, and hash, by `id`: a message delivered
+    again is the same message.
     """
 
-    id: str
-    sender: str
-    kind: MessageKind
-    to: str | None
-    topic: str | None
-    broadcast: bool
-    correlation_id: str
-    created_at: datetime.datetime
-    headers: dict[str, str]
-    payload: Any
-    content_type: str
-    delivery_id: str = dataclasses.field(default="", compare=False)
-    redeliveries: int = dataclasses.field(default=0, compare=False)
-    envelope: envelope_pb2.Envelope = dataclasses.field(repr=False, compare=False)
-    _replier: Replier | None = dataclasses.field(default=None, repr=False, compare=False)
-    _acker: Acker | None = dataclasses.field(default=None, repr=False, compare=False)
+    __slots__ = (
+        "_acker",
+        "_created_at",
+        "_delivery_id",
+        "_envelope",
+        "_headers",
+        "_id",
+        "_payload",
+        "_redeliveries",
+        "_replier",
+    )
 
-    def __hash__(self) -> int:
-        return hash(self.id)
+    _id: str
+    _envelope: envelope_pb2.Envelope
+    _delivery_id: str
+    _redeliveries: int
+    _replier: Replier | None
+    _acker: Acker | None
+    _payload: Any
+    _headers: dict[str, str] | _Unset
+    _created_at: datetime.datetime | _Unset
+
+    def __init__(
+        self,
+        envelope: envelope_pb2.Envelope,
+        *,
+        replier: Replier | None = None,
+        delivery_id: str = "",
+        redeliveries: int = 0,
+        acker: Acker | None = None,
+    ) -> None:
+        """The message of an `Envelope` (see `from_envelope`)."""
+        self._id = envelope.id
+        self._envelope = envelope
+        self._delivery_id = delivery_id
+        self._redeliveries = redeliveries
+        self._replier = replier
+        self._acker = acker if delivery_id else None
+        self._payload = self._headers = self._created_at = _UNSET
 
     @classmethod
     def from_envelope(
@@ -98,34 +140,136 @@ class Message:
     ) -> Message:
         """The message of an `Envelope`; `replier` makes `reply()` work for requests, `acker`
         makes `ack()` acknowledge a delivery that has a `delivery_id`."""
-        recipient = envelope.recipient
-        target = recipient.WhichOneof("target")
-        body = envelope.payload
-        headers = envelope.headers
-        stamp = envelope.created_at
         return cls(
-            id=envelope.id,
-            sender=envelope.sender,
-            kind=_KINDS.get(envelope.kind, MessageKind.MESSAGE),
-            to=recipient.agent_id if target == "agent_id" else None,
-            topic=recipient.topic if target == "topic" else None,
-            broadcast=target == "broadcast",
-            correlation_id=envelope.correlation_id,
-            created_at=_EPOCH + _timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000),
-            headers={key: headers[key] for key in headers} if headers else {},
-            payload=_payload.from_payload(body),
-            content_type=_payload.content_type_of(body),
+            envelope,
+            replier=replier,
             delivery_id=delivery_id,
             redeliveries=redeliveries,
-            envelope=envelope,
-            _replier=replier,
-            _acker=acker if delivery_id else None,
+            acker=acker,
         )
+
+    # ----------------------------------------------------------------- fields
+
+    @property
+    def id(self) -> str:
+        """The message id, given by the server."""
+        return self._id
+
+    @property
+    def sender(self) -> str:
+        """The agent id of the sender."""
+        return self._envelope.sender
+
+    @property
+    def kind(self) -> MessageKind:
+        """What the message is: one-way, request, reply or system event."""
+        return _KINDS.get(self._envelope.kind, _MESSAGE)
+
+    @property
+    def to(self) -> str | None:
+        """The agent the message was sent to (None for topic messages and broadcasts)."""
+        recipient = self._envelope.recipient
+        return recipient.agent_id if recipient.WhichOneof("target") == "agent_id" else None
+
+    @property
+    def topic(self) -> str | None:
+        """The topic the message was published on (None otherwise)."""
+        recipient = self._envelope.recipient
+        return recipient.topic if recipient.WhichOneof("target") == "topic" else None
+
+    @property
+    def broadcast(self) -> bool:
+        """True for a broadcast."""
+        return self._envelope.recipient.WhichOneof("target") == "broadcast"
+
+    @property
+    def correlation_id(self) -> str:
+        """For a reply, the id of its request ("" otherwise)."""
+        return self._envelope.correlation_id
+
+    @property
+    def created_at(self) -> datetime.datetime:
+        """When the server accepted the message (aware UTC)."""
+        created_at = self._created_at
+        if created_at is _UNSET:
+            stamp = self._envelope.created_at
+            # timedelta(days, seconds, microseconds): positional is the fast way to build it.
+            created_at = self._created_at = _EPOCH + _timedelta(
+                0, stamp.seconds, stamp.nanos // 1000
+            )
+        return created_at
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The sender's headers (decoded on first access)."""
+        headers = self._headers
+        if headers is _UNSET:
+            fields = self._envelope.headers  # dict() of a proto map is slower than this
+            headers = self._headers = {key: fields[key] for key in fields} if fields else {}
+        return headers
+
+    @property
+    def payload(self) -> Any:
+        """The decoded body: JSON data, `bytes` or `None` (decoded on first access)."""
+        payload = self._payload
+        if payload is _UNSET:
+            payload = self._payload = _payload.from_payload(self._envelope.payload)
+        return payload
+
+    @property
+    def content_type(self) -> str:
+        """The body's content type (the default of its kind when the sender named none)."""
+        return _payload.content_type_of(self._envelope.payload)
+
+    @property
+    def delivery_id(self) -> str:
+        """Set when the server wants an acknowledgement ("" otherwise): see `ack()`."""
+        return self._delivery_id
+
+    @property
+    def redeliveries(self) -> int:
+        """How many times the server delivered this message before."""
+        return self._redeliveries
+
+    @property
+    def envelope(self) -> envelope_pb2.Envelope:
+        """The raw proto (read-only: the message reads its fields from it)."""
+        return self._envelope
 
     @property
     def is_request(self) -> bool:
         """True for a request that expects a reply."""
-        return self.kind is MessageKind.REQUEST
+        return self._envelope.kind == _REQUEST
+
+    # ----------------------------------------------------------------- value behaviour
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Message):
+            return self._id == other._id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __repr__(self) -> str:
+        parts = [f"id={self._id!r}", f"sender={self.sender!r}", f"kind={self.kind.value!r}"]
+        if (topic := self.topic) is not None:
+            parts.append(f"topic={topic!r}")
+        elif self.broadcast:
+            parts.append("broadcast=True")
+        else:
+            parts.append(f"to={self.to!r}")
+        if correlation_id := self.correlation_id:
+            parts.append(f"correlation_id={correlation_id!r}")
+        if self._delivery_id:
+            parts.append(f"delivery_id={self._delivery_id!r}")
+        if self._redeliveries:
+            parts.append(f"redeliveries={self._redeliveries}")
+        parts.append(f"content_type={self.content_type!r}")
+        parts.append(f"payload={_REPR.repr(self.payload)}")
+        return f"Message({', '.join(parts)})"
+
+    # ----------------------------------------------------------------- actions
 
     async def reply(
         self,
@@ -136,9 +280,12 @@ class Message:
     ) -> None:
         """Answer this request with `payload`.
 
-        Raises `InvalidArgumentError` if this is not a request or it was not received by an
-        `Agent` session (only the session that received a request can answer it), and the
-        server's error (e.g. `UnknownRequestError` once the requester gave up) if it refuses.
+        Returns once the reply is queued on the stream the request came from: the server
+        answers a reply only when it refuses it (for example once the requester gave up), and
+        that is logged as a warning, not raised. Raises `InvalidArgumentError` if this is not a
+        request or it was not received by an `Agent` session (only the session that received a
+        request can answer it), `PayloadTooLargeError`, and `ConnectionLostError` if the stream
+        the request came from is gone.
         """
         if self.kind is not MessageKind.REQUEST:
             raise InvalidArgumentError(f"message {self.id} is a {self.kind}, not a request")

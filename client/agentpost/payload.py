@@ -16,7 +16,7 @@ the target message in place (no JSON text in between, no copies of sub-messages)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -29,6 +29,7 @@ __all__ = [
     "MAX_DEPTH",
     "OCTET_STREAM",
     "content_type_of",
+    "fill_headers",
     "fill_payload",
     "fill_struct",
     "from_payload",
@@ -62,6 +63,23 @@ def fill_payload(
     _fill_value(payload.json, value, 0)
     if content_type:
         payload.content_type = content_type
+
+
+def fill_headers(
+    target: MutableMapping[str, str], headers: Mapping[str, str] | Iterable[tuple[str, str]]
+) -> None:
+    """Copy `headers` (strings to strings) into the headers map of a message being built.
+
+    A loop of item assignments: a proto map's `update()` is the slow generic one.
+    """
+    items = headers.items() if type(headers) is dict else dict(headers).items()
+    try:
+        for key, value in items:
+            target[key] = value
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"headers map strings to strings ({exc})", metadata={"field": "headers"}
+        ) from None
 
 
 def from_payload(payload: envelope_pb2.Payload) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import logging
 import random
 import uuid
@@ -28,7 +29,15 @@ from typing import Any
 import grpc
 
 from agentpost._inbox import Inbox
-from agentpost._link import ConnectCall, Link, LinkState, check_size, frame_piece, handshake
+from agentpost._link import (
+    ConnectCall,
+    Link,
+    LinkState,
+    check_size,
+    frame_piece,
+    handshake,
+    reply_operation_id,
+)
 from agentpost._statefile import KEPT_IDS, StateFile, StateKeeper
 from agentpost.config import ConnectOptions
 from agentpost.errors import (
@@ -41,7 +50,7 @@ from agentpost.errors import (
     UnavailableError,
 )
 from agentpost.message import Message
-from agentpost.payload import fill_payload
+from agentpost.payload import fill_headers, fill_payload
 from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2
 
 __all__ = ["RequestHandler", "Session"]
@@ -84,7 +93,7 @@ class Session:
         self._failure: AgentpostError | None = None
         self._closed = False
         self._warned = False  # about a window larger than the buffer
-        self._counter = 0
+        self._op_ids = map(str, itertools.count(1))  # operation ids: "1", "2", ...
         self._supervisor: asyncio.Task[None] | None = None
         self._run: asyncio.Task[AgentpostError] | None = None  # the current link's
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -304,18 +313,13 @@ class Session:
     # ----------------------------------------------------------------- operations
 
     async def call(self, operation: messaging_pb2.ClientOperation) -> messaging_pb2.Accepted:
-        """Send an operation on the current stream; its Accepted, or the server's error."""
+        """Send an operation on the current stream; its Accepted, or the server's error.
+
+        Only for the operations the server answers with `accepted` (not requests, not replies).
+        """
         link = self._link
         if link is None or link.state is not LinkState.OPEN:
             link = await self._wait_link()
-        return await self.call_on(link, operation)
-
-    async def call_on(
-        self, link: Link, operation: messaging_pb2.ClientOperation
-    ) -> messaging_pb2.Accepted:
-        """Send an operation on this stream (a reply goes back where its request came from)."""
-        if link.state is LinkState.CLOSED:
-            raise ConnectionLostError("the stream this operation belongs to is gone")
         op_id, piece = self._encode(link, operation)
         accepted: asyncio.Future[messaging_pb2.Accepted] = (
             asyncio.get_running_loop().create_future()
@@ -421,16 +425,11 @@ class Session:
             raise ConnectionLostError(f"not reconnected within {timeout:g}s") from None
 
     def _next_id(self) -> str:
-        self._counter += 1
-        return str(self._counter)
+        return next(self._op_ids)
 
     def _encode(self, link: Link, operation: messaging_pb2.ClientOperation) -> tuple[str, bytes]:
-        op_id = operation.operation_id = self._next_id()
-        data = operation.SerializeToString()
-        limit = link.welcome.max_payload_bytes
-        if limit and len(data) > limit:
-            check_size(operation, limit)
-        return op_id, frame_piece(data)
+        op_id = operation.operation_id = next(self._op_ids)
+        return op_id, _frame(link, operation)
 
     # ----------------------------------------------------------------- acknowledgements
 
@@ -477,13 +476,18 @@ class Session:
         headers: Mapping[str, str] | None,
         content_type: str | None,
     ) -> None:
+        """`Message.reply`: queue the reply on the stream its request came from. The server
+        answers a reply only when it refuses it; the link logs that."""
         operation = messaging_pb2.ClientOperation()
         reply = operation.reply
         reply.correlation_id = request_id
         fill_payload(reply.payload, payload, content_type=content_type)
         if headers:
-            reply.headers.update(headers)
-        await self.call_on(link, operation)
+            fill_headers(reply.headers, headers)
+        if link.state is LinkState.CLOSED:
+            raise ConnectionLostError("the stream this request came from is gone")
+        operation.operation_id = reply_operation_id(request_id)
+        link.submit(_frame(link, operation))
 
     async def _handle(self, link: Link, request: Message, handler: RequestHandler) -> None:
         operation = messaging_pb2.ClientOperation()
@@ -503,19 +507,16 @@ class Session:
         if link.state is LinkState.CLOSED:
             logger.info("dropping the reply to %s: its stream is gone", request.id)
             return
-        op_id, piece = self._encode_reply(link, operation)
-        link.accepts[op_id] = None  # nobody waits; the link logs a refusal
-        link.submit(piece)
-
-    def _encode_reply(
-        self, link: Link, operation: messaging_pb2.ClientOperation
-    ) -> tuple[str, bytes]:
+        # The server answers a reply only when it refuses it: nothing to wait for (the link
+        # logs a refusal).
+        operation.operation_id = reply_operation_id(request.id)
         try:
-            return self._encode(link, operation)
+            piece = _frame(link, operation)
         except PayloadTooLargeError as exc:
             operation.reply.ClearField("payload")
             operation.reply.error.CopyFrom(handler_error(exc))
-            return self._encode(link, operation)
+            piece = _frame(link, operation)
+        link.submit(piece)
 
     def _track(self, task: asyncio.Task[Any], *, slot: bool = False) -> None:
         self._tasks.add(task)
@@ -539,6 +540,15 @@ def handler_error(exc: BaseException) -> errors_pb2.Error:
         reason=errors_pb2.ERROR_REASON_HANDLER_FAILED,
         message=text,
     )
+
+
+def _frame(link: Link, operation: messaging_pb2.ClientOperation) -> bytes:
+    """The framed piece of an operation (its id set), checked against the server's size limit."""
+    data = operation.SerializeToString()
+    limit = link.max_payload_bytes
+    if limit and len(data) > limit:
+        check_size(operation, limit)
+    return frame_piece(data)
 
 
 def _jitter(delay: float) -> float:

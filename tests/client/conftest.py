@@ -60,11 +60,13 @@ def delivery(
 class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
     """Answers operations like a well-behaved server, with hooks to misbehave.
 
-    * send/publish/subscribe/unsubscribe/reply: accepted (sends to "blackhole" get no answer).
+    * send/publish/subscribe/unsubscribe: accepted (sends to "blackhole" get no answer).
       Sends are stored once per idempotency key (`stored`); a repeated key gets the first id.
       `drop_sends`: that many sends are stored, then the stream ends before the answer.
-    * request: accepted, then the payload echoed back as the reply; to "silent": no answer;
+    * request: the payload echoed back as the reply (no `accepted`); to "silent": no answer;
       to "failing": a reply carrying a handler error; to "nobody": an error event.
+    * reply: no answer, unless `refuse_replies` (then that error).
+    * `legacy_accepts`: also answer requests and replies with `accepted`, as older servers did.
     * ack: no answer. A stream the client half-closes is ended.
     * Welcome echoes the instance id (or names one) and the window (`window` by default).
     """
@@ -77,6 +79,8 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
         self.attempts = 0  # introductions received
         self.gate: asyncio.Event | None = None  # when set: welcome only once the event is set
         self.hold_subscribes = False  # keep subscribe operations unanswered until release()
+        self.legacy_accepts = False  # answer requests and replies with `accepted` too
+        self.refuse_replies: AgentpostError | None = None
         self.held: list[tuple[FakeSession, messaging_pb2.ClientOperation]] = []
         self.window = 100
         self.drop_sends = 0
@@ -148,6 +152,10 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
                 answer.error.CopyFrom(_status.to_error_proto(NoResponderError("no one there")))
                 session.push(answer)
             return
+        if kind == "reply" and self.refuse_replies is not None:
+            answer.error.CopyFrom(_status.to_error_proto(self.refuse_replies))
+            session.push(answer)
+            return
         if kind == "send":
             key = op.send.idempotency_key
             answer.accepted.message_id = self.stored.setdefault(key, f"m-{next(self._ids)}")
@@ -157,7 +165,8 @@ class FakeBus(messaging_pb2_grpc.AgentMessagingServicer):
                 return
         else:
             answer.accepted.message_id = f"m-{next(self._ids)}"
-        session.push(answer)
+        if kind not in ("request", "reply") or self.legacy_accepts:
+            session.push(answer)
         if kind == "request":
             reply = messaging_pb2.ServerEvent(operation_id=op.operation_id)
             reply.reply.id = f"m-{next(self._ids)}"

@@ -109,9 +109,46 @@ def test_message_from_envelope() -> None:
     assert message.payload == {"q": 1}
     assert message.content_type == "application/json"
     assert message.envelope is env
-    assert hash(message) == hash("01ABC")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        message.payload = 2  # type: ignore[misc]
+    assert (message.delivery_id, message.redeliveries) == ("", 0)
+    assert message.correlation_id == ""
+
+
+def test_messages_are_read_only_values_identified_by_id() -> None:
+    message = Message.from_envelope(_envelope(agent_id="coder"), delivery_id="d-1", redeliveries=2)
+    assert (message.delivery_id, message.redeliveries) == ("d-1", 2)
+    for name in ("id", "payload", "headers", "created_at", "kind", "envelope", "delivery_id"):
+        with pytest.raises(AttributeError):
+            setattr(message, name, 2)
+    with pytest.raises(AttributeError):
+        message.extra = 1  # type: ignore[attr-defined]
+    again = Message.from_envelope(_envelope(topic="other"))  # a redelivery: the same id
+    assert message == again and hash(message) == hash(again) == hash("01ABC")
+    assert len({message, again}) == 1
+    other = envelope_pb2.Envelope(id="02DEF")
+    assert message != Message.from_envelope(other)
+    assert message != "01ABC"
+
+
+def test_message_fields_are_decoded_once() -> None:
+    env = _envelope(agent_id="coder")
+    message = Message.from_envelope(env)
+    payload, headers, created_at = message.payload, message.headers, message.created_at
+    assert message.payload is payload  # decoded on first access, then kept
+    assert message.headers is headers
+    assert message.created_at is created_at
+    assert Message.from_envelope(envelope_pb2.Envelope(id="e")).headers == {}
+    assert Message.from_envelope(envelope_pb2.Envelope(id="e")).payload is None
+
+
+def test_message_repr_shows_the_addressing_and_a_shortened_payload() -> None:
+    env = _envelope(topic="builds.done")
+    env.payload.json.string_value = "x" * 500
+    text = repr(Message.from_envelope(env, delivery_id="d-1"))
+    assert text.startswith("Message(id='01ABC', sender='planner', kind='request', topic=")
+    assert "delivery_id='d-1'" in text and "content_type='application/json'" in text
+    assert "payload='xxx" in text and len(text) < 300
+    assert "broadcast=True" in repr(Message.from_envelope(_envelope(broadcast=True)))
+    assert "to='coder'" in repr(Message.from_envelope(_envelope(agent_id="coder")))
 
 
 def test_message_recipients() -> None:

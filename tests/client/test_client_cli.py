@@ -162,13 +162,15 @@ def test_send_prints_the_id_as_text_or_json(
     monkeypatch.setattr(agentpost.Client, "send", send)
     assert cli.main(["--as", "me", "send", "coder", "[1]", "--header", "k=v"]) == 0
     assert capsys.readouterr().out == "01XYZ\n"
+    # A key of its own (one the retry hint can offer), not the SDK's short-lived "~" key.
+    key = seen.pop("idempotency_key")
+    assert len(key) >= 16 and not key.startswith("~")
     assert seen == {
         "agent": "me",
         "to": "coder",
         "payload": [1],
         "headers": {"k": "v"},
         "ttl": None,
-        "idempotency_key": None,
     }
     assert cli.main(["--json", "send", "coder", "x", "--raw"]) == 0
     assert json.loads(capsys.readouterr().out) == {"message_id": "01XYZ"}
@@ -196,6 +198,8 @@ def test_unreachable_server_is_an_error_not_a_traceback(
     assert err.startswith("agentpost: error: ")
     assert err.count("\n") == 1
     assert "(to retry safely: --idempotency-key " in err  # sends are retried, then give up
+    offered = err.rsplit("--idempotency-key ", 1)[1].rstrip(")\n")
+    assert offered and not offered.startswith("~")  # a key the SDK takes from a caller
     assert cli.main(["--server", "127.0.0.1:1", "agents"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("agentpost: error: ")

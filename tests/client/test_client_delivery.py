@@ -363,6 +363,37 @@ async def test_a_send_is_repeated_with_the_same_key_after_a_lost_stream(
             await agent.send("peer", 3, ttl=0)
 
 
+async def test_sends_without_a_key_get_short_lived_retry_keys(fake_bus: Any) -> None:
+    async with _connect(fake_bus) as agent:
+        for i in range(3):
+            await agent.send("peer", i)
+        keys = [op.send.idempotency_key for op in fake_bus.last.of_kind("send")]
+    assert len(set(keys)) == 3
+    assert all(key.startswith("~") and len(key) <= 32 for key in keys), keys
+    async with _connect(fake_bus) as other:  # another process of the same agent
+        await other.send("peer", 3)
+    assert fake_bus.last.of_kind("send")[0].send.idempotency_key not in keys
+
+    async with agentpost.Client(fake_bus.target, agent_id="script") as client:
+        await client.send("coder", 1)
+        await client.send("coder", 2)
+    unary_keys = [request.idempotency_key for request in fake_bus.unary_sends]
+    assert len(set(unary_keys)) == 2 and all(key.startswith("~") for key in unary_keys)
+
+
+@pytest.mark.parametrize("key", ["~mine", ""])
+async def test_caller_keys_must_not_look_like_retry_keys(fake_bus: Any, key: str) -> None:
+    async with _connect(fake_bus) as agent:
+        with pytest.raises(agentpost.InvalidArgumentError, match="idempotency_key") as caught:
+            await agent.send("peer", 1, idempotency_key=key)
+        assert caught.value.metadata["field"] == "idempotency_key"
+        assert fake_bus.last.of_kind("send") == []
+    async with agentpost.Client(fake_bus.target) as client:
+        with pytest.raises(agentpost.InvalidArgumentError, match="idempotency_key"):
+            await client.send("coder", 1, idempotency_key=key)
+    assert fake_bus.unary_sends == []
+
+
 async def test_a_send_that_cannot_be_repeated_in_time_names_its_key(fake_bus: Any) -> None:
     async with _connect(fake_bus, connect_timeout=0.3) as agent:
         fake_bus.gate = asyncio.Event()  # the next stream is never welcomed
@@ -388,6 +419,9 @@ async def test_the_unary_send_is_repeated_with_the_same_key(fake_bus: Any) -> No
         with pytest.raises(agentpost.ConnectionLostError) as caught:
             await client.send("coder", 1, idempotency_key="k-3")
         assert caught.value.metadata["idempotency_key"] == "k-3"
+        with pytest.raises(agentpost.ConnectionLostError) as caught:
+            await client.send("coder", 1)  # the SDK's key: no use for a retry later
+        assert "idempotency_key" not in caught.value.metadata
         fake_bus.unavailable_sends = 0
         fake_bus.unary_error = agentpost.AgentNotFoundError("no agent 'ghost'")
         before = len(fake_bus.unary_sends)

@@ -147,3 +147,15 @@ def test_struct_helpers() -> None:
     assert P.from_struct(struct) == {"team": "a", "size": 3, "tags": ["x"]}
     with pytest.raises(agentpost.InvalidArgumentError):
         P.fill_struct(struct_pb2.Struct(), {3: "x"})  # type: ignore[dict-item]
+
+
+def test_headers_are_copied_and_checked() -> None:
+    send = messaging_pb2.SendMessage()
+    P.fill_headers(send.headers, {"a": "1"})
+    P.fill_headers(send.headers, OrderedDict(b="2"))
+    P.fill_headers(send.headers, [("c", "3")])
+    assert dict(send.headers) == {"a": "1", "b": "2", "c": "3"}
+    for bad in ({"k": 1}, {2: "v"}, {"k": "\udc80"}):
+        with pytest.raises(agentpost.InvalidArgumentError, match="headers") as caught:
+            P.fill_headers(messaging_pb2.SendMessage().headers, bad)  # type: ignore[dict-item]
+        assert caught.value.metadata == {"field": "headers"}

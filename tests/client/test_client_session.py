@@ -4,6 +4,7 @@ keep-alives, answers and errors, handlers, backpressure, reconnection, going-awa
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from typing import Any
@@ -136,7 +137,8 @@ async def test_requests_without_a_handler_arrive_in_messages(
         fake_bus.last.deliver(make_envelope(REQUEST, payload={"q": 1}, id="r1"))
         request = await anext(agent.messages())
         assert request.is_request
-        await request.reply({"a": 2}, headers={"k": "v"})
+        await request.reply({"a": 2}, headers={"k": "v"})  # queued: the server does not answer
+        await assert_eventually(lambda: bool(fake_bus.last.of_kind("reply")))
         reply = fake_bus.last.of_kind("reply")[0].reply
         assert reply.correlation_id == "r1"
         assert reply.payload.json.struct_value.fields["a"].number_value == 2
@@ -163,6 +165,75 @@ async def test_handlers_answer_requests(fake_bus: Any, make_envelope: Any) -> No
         assert error.code == 2
         assert error.message == "ValueError: bad input"
         assert not replies["r2"].HasField("payload")
+
+
+def _waiting_operations(agent: agentpost.Agent) -> dict[str, Any]:
+    link = agent._session._link
+    assert link is not None
+    return {**link.accepts, **link.replies}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["reply-only", "older-server"])
+async def test_requests_and_replies_leave_nothing_waiting(
+    fake_bus: Any, make_envelope: Any, legacy: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_bus.legacy_accepts = legacy  # an older server also answers both with `accepted`
+    async with _connect(fake_bus) as agent:
+
+        @agent.on_request
+        async def handle(message: agentpost.Message) -> Any:
+            return message.payload
+
+        for i in range(3):
+            fake_bus.last.deliver(make_envelope(REQUEST, payload=i, id=f"r{i}"))
+            assert (await agent.request("echo", i, timeout=2)).payload == i
+        await assert_eventually(lambda: len(fake_bus.last.of_kind("reply")) == 3)
+        assert await agent.send("peer", "last")  # every answer sent so far has been read
+        assert _waiting_operations(agent) == {}
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_refused_reply_is_logged_not_raised(
+    fake_bus: Any, make_envelope: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_bus.refuse_replies = agentpost.UnknownRequestError("request r1 is not waiting")
+    async with _connect(fake_bus) as agent:
+
+        @agent.on_request
+        async def handle(message: agentpost.Message) -> Any:
+            return "late"
+
+        fake_bus.last.deliver(make_envelope(REQUEST, payload=1, id="r1"))
+        await assert_eventually(
+            lambda: any("reply to request r1" in r.getMessage() for r in caplog.records)
+        )
+        record = next(r for r in caplog.records if "reply to request r1" in r.getMessage())
+        assert record.levelno == logging.WARNING
+        assert "is not waiting" in record.getMessage()
+
+        agent.handle_requests(None)
+        fake_bus.last.deliver(make_envelope(REQUEST, payload=2, id="r2"))
+        request = await anext(agent.messages())
+        await request.reply("late too")  # returns once queued; the refusal is only logged
+        await assert_eventually(
+            lambda: any("reply to request r2" in r.getMessage() for r in caplog.records)
+        )
+        assert _waiting_operations(agent) == {}
+        assert await agent.send("peer", "still fine")
+
+
+async def test_a_reply_to_a_request_whose_stream_is_gone_raises(
+    fake_bus: Any, make_envelope: Any
+) -> None:
+    async with _connect(fake_bus) as agent:
+        first = fake_bus.last
+        first.deliver(make_envelope(REQUEST, payload=1, id="r1"))
+        request = await anext(agent.messages())
+        first.end()
+        await assert_eventually(lambda: len(fake_bus.sessions) == 2)
+        with pytest.raises(agentpost.ConnectionLostError, match="gone"):
+            await request.reply(1)
+        assert fake_bus.last.of_kind("reply") == []
 
 
 async def test_lost_stream_fails_in_flight_operations_then_reconnects_and_resubscribes(

@@ -10,7 +10,7 @@
 //   echo: {"event":"ready","session_id"}, then per MESSAGE delivery {"event":"message","sender","id",
 //         "payload","headers"}; per REQUEST {"event":"request",...}, answered with
 //         {"echo": <payload>, "from": "node"}, then {"event":"replied","correlation_id"} once the
-//         server accepted the reply. `--max N` counts messages and requests; other kinds are shown
+//         reply is written (the server answers a reply only if it fails). `--max N` counts messages and requests; other kinds are shown
 //         as {"event":"delivery","kind",...} and not counted. {"event":"going_away"} on a drain.
 //   ask:  {"event":"ready",...}, {"event":"sent","message_ids":[json, bytes]}, {"event":"reply",
 //         "payload","sender","correlation_id","kind"}.
@@ -193,6 +193,7 @@ class Session {
     this.onClosed = onClosed;
     this.nextId = 1;
     this.pending = new Map(); // operation id -> {resolve, reject, waitReply, accepted}
+    this.fireAndForget = new Set(); // ids of posted operations (answered only on failure)
     this.goingAway = null;
     this.call = null;
     this.closed = false;
@@ -214,6 +215,15 @@ class Session {
 
   submit(op) {
     return this.#submit([op])[0];
+  }
+
+  // For operations the server answers only when they fail (reply, ack, keep-alive): written now;
+  // a later error event for this id ends the session through onError.
+  post(op) {
+    const operationId = `op-${this.nextId++}`;
+    this.fireAndForget.add(operationId);
+    this.call.write({ operations: [{ operationId, ...op }] });
+    return operationId;
   }
 
   close() {
@@ -246,6 +256,7 @@ class Session {
         this.#settle(ev.operationId, waiter, (w) => w.resolve(ev.welcome));
         break;
       case 'accepted':
+        if (this.fireAndForget.delete(ev.operationId)) break; // an older server answers these too
         if (waiter?.waitReply) waiter.accepted = ev.accepted; // a request waits on for its reply
         else this.#settle(ev.operationId, waiter, (w) => w.resolve(ev.accepted));
         break;
@@ -255,7 +266,9 @@ class Session {
         );
         break;
       case 'error':
-        if (!ev.operationId) {
+        if (this.fireAndForget.has(ev.operationId)) {
+          this.#closeWith(new OperationError(ev.error)); // a posted operation failed
+        } else if (!ev.operationId) {
           this.#closeWith(new OperationError(ev.error)); // the server is closing the session
         } else {
           this.#settle(ev.operationId, waiter, (w) => w.reject(new OperationError(ev.error)));
@@ -320,12 +333,10 @@ async function runEcho(session, opts) {
   const max = opts.max === undefined ? Infinity : Number(opts.max);
   let handled = 0;
   let done = false;
-  const replies = [];
 
   const finish = async () => {
     if (done) return;
     done = true;
-    await Promise.allSettled(replies);
     session.close();
     process.exit(EXIT_OK);
   };
@@ -335,11 +346,8 @@ async function runEcho(session, opts) {
     const base = { sender: env.sender, id: env.id, payload: decodePayload(env.payload), headers: env.headers };
     if (env.kind === 'MESSAGE_KIND_REQUEST') {
       emit({ event: 'request', ...base });
-      const reply = session
-        .submit({ reply: { correlationId: env.id, payload: jsonPayload({ echo: base.payload, from: 'node' }) } })
-        .then(() => emit({ event: 'replied', correlation_id: env.id }))
-        .catch((err) => fail(err.reason, err.message));
-      replies.push(reply);
+      session.post({ reply: { correlationId: env.id, payload: jsonPayload({ echo: base.payload, from: 'node' }) } });
+      emit({ event: 'replied', correlation_id: env.id });
     } else if (env.kind === 'MESSAGE_KIND_MESSAGE') {
       emit({ event: 'message', ...base });
     } else {
