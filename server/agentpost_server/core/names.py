@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -21,8 +22,13 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_TOPIC = 255
 
 
+@functools.lru_cache(maxsize=65_536)
+def _valid_agent_id(value: str) -> bool:
+    return _AGENT_ID.fullmatch(value) is not None
+
+
 def check_agent_id(value: str, field: str = "agent_id") -> str:
-    if not _AGENT_ID.fullmatch(value):
+    if not _valid_agent_id(value):
         shown = value if len(value) <= 64 else value[:61] + "..."
         what = "is empty" if not value else f"{shown!r} is not valid"
         raise InvalidAgentIdError(f"{field} {what}: use {AGENT_ID_RULE}", metadata={"field": field})

@@ -26,28 +26,38 @@ from agentpost_server.store.writer import PipelineWriter
 GROUP = "g"
 DEAD_MAXLEN = 100_000
 
-# KEYS: mailbox, idempotency key (or ""), dead letters, agent hash, known agents set
-# ARGV: envelope, message id, expiry ms, idempotency ttl ms, max length, now ms, agent id
-# Returns the stored (or earlier) message id, or false when the agent is unknown.
+# One call appends a batch of messages to one mailbox.
+# KEYS: mailbox, dead letters, agent hash, known agents set
+# ARGV: agent id, max length, now ms, then per message: envelope, message id, expiry ms,
+#       idempotency key name (or ""), how long to keep that key (ms).
+# Returns, per message, the stored (or earlier) message id; nothing when the agent is unknown.
+# (Idempotency keys are named in ARGV, so this script assumes a single Redis, not a cluster.)
 _APPEND = """
-if redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 0 then return false end
-if KEYS[2] ~= '' then
-  local prior = redis.call('GET', KEYS[2])
-  if prior then return prior end
-end
-redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'x', ARGV[3], 'i', ARGV[2])
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
-local over = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[5])
-if over > 0 then
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)) do
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'e', entry[2][2], 'agent', ARGV[7],
-               'reason', 'mailbox full', 'at', ARGV[6])
-    redis.call('XACK', KEYS[1], 'g', entry[1])
-    redis.call('XDEL', KEYS[1], entry[1])
-    redis.call('HINCRBY', KEYS[4], 'dead', 1)
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 then return {} end
+local ids = {}
+for i = 4, #ARGV, 5 do
+  local idem, id = ARGV[i + 3], ARGV[i + 1]
+  local prior = false
+  if idem ~= '' then prior = redis.call('GET', idem) end
+  if prior then
+    ids[#ids + 1] = prior
+  else
+    redis.call('XADD', KEYS[1], '*', 'e', ARGV[i], 'x', ARGV[i + 2], 'i', id)
+    if idem ~= '' then redis.call('SET', idem, id, 'PX', ARGV[i + 4]) end
+    ids[#ids + 1] = id
   end
 end
-return ARGV[2]
+local over = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if over > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)) do
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'e', entry[2][2], 'agent', ARGV[1],
+               'reason', 'mailbox full', 'at', ARGV[3])
+    redis.call('XACK', KEYS[1], 'g', entry[1])
+    redis.call('XDEL', KEYS[1], entry[1])
+    redis.call('HINCRBY', KEYS[3], 'dead', 1)
+  end
+end
+return ids
 """
 
 
@@ -94,18 +104,12 @@ class RedisMailboxes:
         idem = k.idempotency(sender, idempotency_key) if idempotency_key else ""
         # "~" keys are the SDK's own, only for retries after a lost connection: kept briefly.
         keep_ms = self._retry_ms if idempotency_key.startswith("~") else self._idempotency_ms
-        return self._writer.run_script(
+        return self._writer.run_grouped(
             self._append,
-            [k.mailbox(agent_id), idem, k.dead_letters, k.agent(agent_id), k.agents],
-            [
-                envelope.SerializeToString(),
-                envelope.id,
-                expires_ms,
-                keep_ms,
-                self._max_len,
-                time.time_ns() // 1_000_000,
-                agent_id,
-            ],
+            agent_id,
+            [k.mailbox(agent_id), k.dead_letters, k.agent(agent_id), k.agents],
+            [agent_id, self._max_len, time.time_ns() // 1_000_000],
+            [envelope.SerializeToString(), envelope.id, expires_ms, idem, keep_ms],
         )
 
     async def ensure_group(self, agent_id: str) -> None:

@@ -4,7 +4,9 @@ Callers queue commands without awaiting; one flusher sends everything queued as 
 one connection, one batch at a time, so commands run in call order and under load many share a
 round trip. Scripts (mailbox appends) run first, in order; then PUBLISHes, grouped per channel
 (each channel's frames concatenated, in order, into as few messages as the size caps allow) —
-so a wake-up is never published before the write it announces.
+so a wake-up is never published before the write it announces. When Redis lost its scripts (it
+restarted), the scripts of a batch are loaded and run again in the next one, and the wake-ups
+that came with them are published again after them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class _Script:
     keys: list[str]
     args: list[Any]
     future: asyncio.Future[Any]
+    group: str | None = None  # calls of one script and group in a batch run as one call
+    head: list[Any] | None = None  # a grouped call's leading arguments (the same for the group)
 
 
 class PipelineWriter:
@@ -40,6 +44,7 @@ class PipelineWriter:
         self._redis = redis
         self._scripts: list[_Script] = []
         self._publishes: list[tuple[str, bytes]] = []
+        self._repeatable: list[tuple[str, bytes]] = []  # this batch's announcements
         self._batch: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -62,10 +67,16 @@ class PipelineWriter:
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail(self._batch, self._scripts, UnavailableError("the server is stopping"))
 
-    def publish(self, channel: str, frame: bytes) -> asyncio.Future[None]:
+    def publish(
+        self, channel: str, frame: bytes, *, announces: bool = False
+    ) -> asyncio.Future[None]:
         """Queue a PUBLISH of `frame` (frames to one channel are concatenated in order). The
-        future, shared by the batch, resolves once Redis took the batch."""
+        future, shared by the batch, resolves once Redis took the batch. A frame that
+        `announces` the scripts queued before it (a wake-up: harmless to repeat) is published
+        again after them if they have to be run again."""
         self._publishes.append((channel, frame))
+        if announces:
+            self._repeatable.append((channel, frame))
         return self._batch_future()
 
     def run_script(
@@ -81,6 +92,17 @@ class PipelineWriter:
         """The future of the batch being filled now (a new one if none is)."""
         return self._batch_future()
 
+    def run_grouped(
+        self, script: AsyncScript, group: str, keys: list[str], head: list[Any], args: list[Any]
+    ) -> asyncio.Future[Any]:
+        """Queue a call that may share one script run with the other calls of `group` in the
+        batch: the script gets `keys`, then `head`, then every call's `args` in order, and
+        returns one result per call (a missing result resolves to None)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._scripts.append(_Script(script, keys, args, future, group, head))
+        self._batch_future()
+        return future
+
     def _batch_future(self) -> asyncio.Future[None]:
         if self._batch is None:
             self._batch = asyncio.get_running_loop().create_future()
@@ -93,9 +115,12 @@ class PipelineWriter:
             self._wake.clear()
             while self._batch is not None:
                 batch, scripts, publishes = self._batch, self._scripts, self._publishes
+                repeatable = self._repeatable
                 self._batch, self._scripts, self._publishes = None, [], []
+                self._repeatable = []
+                calls, members = _merge(scripts)
                 try:
-                    results = await self._send(scripts, publishes)
+                    results = await self._send(calls, publishes)
                 except (RedisError, OSError) as exc:
                     log.warning("redis write failed: %s", exc)
                     self._fail(
@@ -112,24 +137,36 @@ class PipelineWriter:
                     self._fail(batch, scripts, UnavailableError("the server is stopping"))
                     raise
                 retry: list[_Script] = []
-                for item, result in zip(scripts, results, strict=False):
-                    if item.future.done():
-                        continue
+                for call, result in zip(calls, results, strict=False):
+                    group = members.get(id(call))
+                    items = group if group is not None else [call]
                     if isinstance(result, NoScriptError):
-                        retry.append(item)
+                        retry.extend(items)
                     elif isinstance(result, Exception):
                         log.warning("redis script failed: %s", result)
-                        item.future.set_exception(
-                            UnavailableError("storage refused the write; retry later")
-                        )
+                        for item in items:
+                            if not item.future.done():
+                                item.future.set_exception(
+                                    UnavailableError("storage refused the write; retry later")
+                                )
+                    elif group is None:
+                        if not call.future.done():
+                            call.future.set_result(result)
                     else:
-                        item.future.set_result(result)
+                        values = list(result or ())
+                        for index, item in enumerate(group):
+                            if not item.future.done():
+                                item.future.set_result(
+                                    values[index] if index < len(values) else None
+                                )
                 if retry:
-                    await self._requeue(retry)
+                    await self._requeue(retry, repeatable)
                 if not batch.done():
                     batch.set_result(None)
 
-    async def _requeue(self, items: list[_Script]) -> None:
+    async def _requeue(self, items: list[_Script], announcements: list[tuple[str, bytes]]) -> None:
+        """Load the scripts Redis forgot; run the calls again first in the next batch, and
+        publish again what announced them (it went out before the writes it announces)."""
         try:
             for script in {id(i.script): i.script for i in items}.values():
                 script.sha = await self._redis.script_load(script.script)
@@ -137,6 +174,8 @@ class PipelineWriter:
             self._fail(None, items, UnavailableError("storage is unavailable; retry later"))
             return
         self._scripts[:0] = items
+        self._publishes[:0] = announcements
+        self._repeatable[:0] = announcements
         self._batch_future()
 
     async def _send(self, scripts: list[_Script], publishes: list[tuple[str, bytes]]) -> list[Any]:
@@ -206,3 +245,25 @@ def _command(out: list[bytes], args: tuple[Any, ...]) -> None:
         out.append(b"$%d\r\n" % len(data))
         out.append(data)
         out.append(b"\r\n")
+
+
+def _merge(scripts: list[_Script]) -> tuple[list[_Script], dict[int, list[_Script]]]:
+    """Join the grouped calls of a batch: one call per script and group, in the place of the
+    group's first call. Returns the calls and, for each joined call, the calls it stands for."""
+    calls: list[_Script] = []
+    members: dict[int, list[_Script]] = {}
+    joined: dict[tuple[str, str], _Script] = {}
+    for item in scripts:
+        if item.group is None:
+            calls.append(item)
+            continue
+        key = (item.script.sha, item.group)
+        call = joined.get(key)
+        if call is None:
+            call = _Script(item.script, item.keys, list(item.head or ()), item.future, item.group)
+            joined[key] = call
+            calls.append(call)
+            members[id(call)] = []
+        call.args.extend(item.args)
+        members[id(call)].append(item)
+    return calls, members
