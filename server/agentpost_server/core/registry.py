@@ -112,6 +112,11 @@ class SessionRegistry:
                 del self._cache[change.agent_id]
 
     def on_bus_reset(self) -> None:
+        """The bus was reconnected: what it said meanwhile is lost. Forget where other agents'
+        sessions are, and have every pump read its mailbox (a wake-up may have been missed)."""
         self._cache.clear()
         for agent_id, sessions in self.by_agent.items():
             self._cache[agent_id] = {s.id: self.server_id for s in sessions}
+            for session in sessions:
+                if session.pump is not None:
+                    session.pump.wake()

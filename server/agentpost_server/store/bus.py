@@ -140,7 +140,7 @@ class RedisBus:
             if not self._woken_batch_watched:
                 self._woken_batch_watched = True
                 batch.add_done_callback(_consume)  # the sends report failures themselves
-            self._writer.publish(self._keys.wake_channel, _wake_frame(agent_id))
+            self._writer.publish(self._keys.wake_channel, _wake_frame(agent_id), announces=True)
 
     async def announce(self, change: PresenceChange) -> None:
         message = json.dumps([change.agent_id, change.session_id, change.server_id, change.added])
