@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 
 from agentpost.errors import AgentpostError
-from agentpost.v1 import envelope_pb2, messaging_pb2
+from agentpost.v1 import envelope_pb2
+from agentpost_server.core import wire
 from agentpost_server.core.ports import Entry, Logs, Mailboxes, PresenceStore
 from agentpost_server.core.session import LocalSession
 from agentpost_server.core.topics import pattern_matches
@@ -212,13 +213,7 @@ class MailboxPump:
     def _push(self, entry: Entry, prefix: str, redeliveries: int) -> None:
         delivery_id = prefix + entry.stream_id
         self._in_flight.add(delivery_id)
-        self._session.push(
-            messaging_pb2.ServerEvent(
-                delivery=envelope_pb2.Envelope.FromString(entry.envelope),
-                delivery_id=delivery_id,
-                redeliveries=redeliveries,
-            )
-        )
+        self._session.push(wire.delivery_event(entry.envelope, delivery_id, redeliveries))
 
     async def _send_acks(self) -> None:
         acks, self._acks = self._acks, []

@@ -46,10 +46,11 @@ class LocalSession:
     closed: bool = False
     pump: Any = None  # the MailboxPump of an agent session
     close_error: AgentpostError | None = None
-    _events: deque[messaging_pb2.ServerEvent] = field(default_factory=deque)
+    _events: deque[messaging_pb2.ServerEvent | bytes] = field(default_factory=deque)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def push(self, event: messaging_pb2.ServerEvent) -> None:
+    def push(self, event: messaging_pb2.ServerEvent | bytes) -> None:
+        """Queue an event (or a serialized ServerEvent, see `core.wire`)."""
         if self.closed:
             return
         if len(self._events) >= self.max_buffered:
@@ -91,7 +92,7 @@ class LocalSession:
 
     async def next_batch(
         self, max_events: int = 512, max_bytes: int = 1 << 20
-    ) -> list[messaging_pb2.ServerEvent] | None:
+    ) -> list[messaging_pb2.ServerEvent | bytes] | None:
         """The events buffered now (at least one), or None once closed and drained."""
         while not self._events:
             if self.closed:
@@ -101,10 +102,10 @@ class LocalSession:
         events = self._events
         if len(events) == 1:
             return [events.popleft()]
-        batch: list[messaging_pb2.ServerEvent] = []
+        batch: list[messaging_pb2.ServerEvent | bytes] = []
         size = 0
         while events and len(batch) < max_events and size < max_bytes:
             event = events.popleft()
-            size += event.ByteSize()
+            size += len(event) if isinstance(event, bytes) else event.ByteSize()
             batch.append(event)
         return batch

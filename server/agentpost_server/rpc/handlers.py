@@ -23,8 +23,9 @@ def decode(message_type: type[Message], raw: bytes) -> Any:
         ) from None
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+def _serialize(message: Message | bytes) -> bytes:
+    """Responses are messages, or frames already serialized (see `core.wire`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def add_to_server(servicer: object, server: grpc.aio.Server) -> None:

@@ -13,12 +13,18 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
 from agentpost._status import from_error_proto, to_error_proto
-from agentpost.errors import AgentpostError, InvalidArgumentError, ProtocolViolationError
-from agentpost.v1 import agents_pb2, messaging_pb2
-from agentpost_server.core import events, names, operations
+from agentpost.errors import (
+    AgentpostError,
+    HandlerError,
+    InvalidArgumentError,
+    ProtocolViolationError,
+)
+from agentpost.v1 import agents_pb2, errors_pb2, messaging_pb2
+from agentpost_server.core import events, names, operations, wire
 from agentpost_server.core.hub import Hub
 from agentpost_server.core.ports import AgentRecord
 from agentpost_server.core.session import LocalSession
+from agentpost_server.rpc import depth
 from agentpost_server.rpc.errors import streaming, unary
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,8 @@ _PRESENCE = {
     agents_pb2.PRESENCE_FILTER_OFFLINE: False,
 }
 
+_KNOWN_REASONS = frozenset(errors_pb2.ErrorReason.values()) - {errors_pb2.ERROR_REASON_UNSPECIFIED}
+
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -43,6 +51,14 @@ def identity(context: Ctx) -> str:
             text = value.decode() if isinstance(value, bytes) else value
             return names.check_agent_id(text, IDENTITY_METADATA)
     return ANONYMOUS
+
+
+def _reply_error(error: errors_pb2.Error) -> AgentpostError:
+    """The responder's failure, as its reason says; with a reason this server does not know, a
+    HANDLER_FAILED (never an INTERNAL that the server did not have)."""
+    if error.reason not in _KNOWN_REASONS:
+        return HandlerError(error.message or "unknown error", metadata=dict(error.metadata))
+    return from_error_proto(error)
 
 
 async def _frames(raw_frames: AsyncIterator[bytes]) -> AsyncIterator[messaging_pb2.ConnectRequest]:
@@ -78,7 +94,9 @@ class AgentMessagingServicer:
             yield messaging_pb2.ConnectResponse(events=[welcome])
             self._hub.start_delivery(session)
             while (batch := await session.next_batch()) is not None:
-                yield messaging_pb2.ConnectResponse(events=batch)
+                yield wire.connect_response(  # type: ignore[misc]
+                    [e if isinstance(e, bytes) else e.SerializeToString() for e in batch]
+                )
             if session.close_error is not None:
                 final = messaging_pb2.ServerEvent(error=to_error_proto(session.close_error))
                 yield messaging_pb2.ConnectResponse(events=[final])
@@ -103,6 +121,7 @@ class AgentMessagingServicer:
             raise ProtocolViolationError(
                 "the first frame of Connect must hold exactly one operation, an `introduce`"
             )
+        depth.check_metadata(ops[0].introduce.metadata)
         return await self._hub.open_session(ops[0].introduce), ops[0]
 
     async def _read(
@@ -128,6 +147,7 @@ class AgentMessagingServicer:
     async def Send(
         self, request: messaging_pb2.SendRequest, context: Ctx
     ) -> messaging_pb2.SendResponse:
+        depth.check_payload(request.payload)
         envelope, stored = await self._hub.send(
             identity(context),
             request.to,
@@ -148,6 +168,7 @@ class AgentMessagingServicer:
             raise InvalidArgumentError(
                 "publish needs a topic or broadcast", metadata={"field": "target"}
             )
+        depth.check_payload(request.payload)
         envelope, sent = self._hub.publish(
             identity(context),
             request.topic if target == "topic" else None,
@@ -162,6 +183,7 @@ class AgentMessagingServicer:
     async def Request(
         self, request: messaging_pb2.RequestRequest, context: Ctx
     ) -> messaging_pb2.RequestResponse:
+        depth.check_payload(request.payload)
         timeout: duration_pb2.Duration | float | None = request.timeout
         remaining = context.time_remaining()
         if remaining is not None:
@@ -178,7 +200,7 @@ class AgentMessagingServicer:
         finally:
             self._hub.requests.cancel(envelope.id)
         if answer.HasField("error"):
-            raise from_error_proto(answer.error)
+            raise _reply_error(answer.error)
         return messaging_pb2.RequestResponse(reply=answer)
 
     @unary(messaging_pb2.ListAgentsRequest)
@@ -206,7 +228,11 @@ class AgentMessagingServicer:
         session = self._hub.open_subscriber(identity(context), request.topics, request.broadcasts)
         try:
             while (batch := await session.next_batch()) is not None:
-                messages = [event.delivery for event in batch if event.HasField("delivery")]
+                messages = [
+                    event.delivery
+                    for event in batch
+                    if not isinstance(event, bytes) and event.HasField("delivery")
+                ]
                 if messages:
                     yield messaging_pb2.SubscribeResponse(messages=messages)
             if session.close_error is not None:
@@ -218,6 +244,7 @@ class AgentMessagingServicer:
     async def RegisterAgent(
         self, request: messaging_pb2.RegisterAgentRequest, context: Ctx
     ) -> messaging_pb2.RegisterAgentResponse:
+        depth.check_metadata(request.metadata)
         record = AgentRecord(
             request.agent_id, list(request.capabilities), events.struct_to_dict(request.metadata)
         )

@@ -1,0 +1,68 @@
+"""Refuses input nested so deeply that the server could not pass it on.
+
+Protobuf decoders stop at 100 nested messages. A JSON payload of a unary call sits two levels
+higher than in the frame that delivers it (`ConnectResponse` > `ServerEvent` > `Envelope` >
+`Payload`), and an agent's metadata sits deepest in the `agent.online` event: either could be
+accepted and then fail every attempt to deliver it. So each is decoded once where it will be
+deepest, and refused if that fails. (A Connect operation is as deep as its delivery: that it
+decoded proves it fits.)
+"""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError, Message
+
+from agentpost.errors import InvalidArgumentError
+from agentpost.v1 import envelope_pb2, messaging_pb2
+
+
+def _number(message: type[Message], name: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[name].number)
+
+
+# ConnectResponse.events > ServerEvent.delivery > Envelope.payload
+_DELIVERY = (
+    _number(messaging_pb2.ConnectResponse, "events"),
+    _number(messaging_pb2.ServerEvent, "delivery"),
+    _number(envelope_pb2.Envelope, "payload"),
+)
+_JSON = _number(envelope_pb2.Payload, "json")
+_STRUCT_VALUE = _number(struct_pb2.Value, "struct_value")
+_FIELDS = _number(struct_pb2.Struct, "fields")
+
+
+def check_payload(payload: envelope_pb2.Payload) -> None:
+    _check(payload.SerializeToString(), "payload")
+
+
+def check_metadata(metadata: struct_pb2.Struct) -> None:
+    """As it appears in the `agent.online` event: `{"metadata": <metadata>, ...}`."""
+    entry = _field(1, b"metadata") + _field(2, _field(_STRUCT_VALUE, metadata.SerializeToString()))
+    _check(_field(_JSON, _field(_STRUCT_VALUE, _field(_FIELDS, entry))), "metadata")
+
+
+def _check(payload: bytes, name: str) -> None:
+    frame = payload
+    for number in reversed(_DELIVERY):
+        frame = _field(number, frame)
+    try:
+        messaging_pb2.ConnectResponse.FromString(frame)
+    except DecodeError:
+        raise InvalidArgumentError(
+            f"the {name} is nested too deeply to be delivered", metadata={"field": name}
+        ) from None
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """`data` as length-delimited field `number`."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
