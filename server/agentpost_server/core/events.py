@@ -6,6 +6,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from agentpost.errors import InvalidArgumentError
 from agentpost.v1 import envelope_pb2
 from agentpost_server.core.ports import AgentRecord
 
@@ -35,8 +36,14 @@ def to_value(data: Any) -> struct_pb2.Value:
     return value
 
 
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "metadata") -> dict[str, Any]:
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:  # NaN and the infinities have no JSON form
+        raise InvalidArgumentError(
+            f"{field} holds a number that JSON cannot represent (NaN or infinity)",
+            metadata={"field": field},
+        ) from None
 
 
 def system_envelope(message_id: str, topic: str, value: struct_pb2.Value) -> envelope_pb2.Envelope:

@@ -23,10 +23,30 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+#: A status travels in HTTP/2 trailers, which clients cap (gRPC: 8 KiB by default), and its text
+#: goes twice (details, and the Status with the ErrorInfo): longer texts are cut, or the caller
+#: would get a RESOURCE_EXHAUSTED of its own instead (a responder's error can be that long).
+MAX_STATUS_TEXT = 1024
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: AgentpostError) -> NoReturn:
-    code, details, trailing = to_status(exc)
+    code, details, trailing = to_status(_shortened(exc))
     await context.abort(code, details, trailing)
     raise AssertionError("unreachable")  # abort() raises
+
+
+def _shortened(exc: AgentpostError) -> AgentpostError:
+    if len(exc.message) > MAX_STATUS_TEXT:
+        exc.message = exc.message[:MAX_STATUS_TEXT] + "..."
+    room = MAX_STATUS_TEXT
+    kept: dict[str, str] = {}
+    for key, value in exc.metadata.items():
+        room -= len(key) + len(value)
+        if room < 0:
+            break
+        kept[key] = value
+    exc.metadata = kept
+    return exc
 
 
 def _as_agentpost_error(name: str, exc: Exception) -> AgentpostError:
