@@ -54,5 +54,6 @@ def generate(out_root: Path = ROOT) -> None:
                 for stale in out.glob(Path(name).stem + "_pb2_grpc.py*"):
                     stale.unlink()
 
+
 if __name__ == "__main__":
     generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
