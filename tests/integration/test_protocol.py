@@ -163,3 +163,12 @@ async def test_a_malformed_frame_mid_session_ends_it_with_a_reason(target) -> No
             events.extend(messaging_pb2.ConnectResponse.FromString(data).events)
     assert events[0].HasField("welcome")
     assert events[-1].error.reason == errors_pb2.ERROR_REASON_PROTOCOL_VIOLATION
+
+
+async def test_a_negative_request_timeout_is_refused_with_or_without_a_deadline(stub) -> None:
+    request = messaging_pb2.RequestRequest(to="anyone", timeout={"seconds": -1})
+    for deadline in (None, 5.0):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Request(request, timeout=deadline)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "timeout" in caught.value.details()

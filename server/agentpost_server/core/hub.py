@@ -10,6 +10,7 @@ sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -131,13 +132,15 @@ class Hub:
             for durable_patterns in session.durable.values():
                 self.registry.subscribe(session, durable_patterns)
             await session.pump.prepare()
+            await self._bus.announce(PresenceChange(agent_id, session.id, self.server_id, True))
+            if came_online:
+                self._system_event(events.agent_online(record))
         except BaseException:
+            # Registered but not opened: take the session out of presence again.
             self.registry.forget(session)
-            await self._presence.remove_session(agent_id, session.id, self.server_id)
+            with contextlib.suppress(AgentpostError):
+                await self._presence.remove_session(agent_id, session.id, self.server_id)
             raise
-        await self._bus.announce(PresenceChange(agent_id, session.id, self.server_id, True))
-        if came_online:
-            self._system_event(events.agent_online(record))
         log.info("session %s opened for agent %s", session.id, agent_id)
         return session
 

@@ -188,6 +188,10 @@ class AgentMessagingServicer:
         remaining = context.time_remaining()
         if remaining is not None:
             asked = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0.0
+            if asked < 0:
+                raise InvalidArgumentError(
+                    "timeout must not be negative", metadata={"field": "timeout"}
+                )
             default = self._hub.limits.default_request_timeout
             timeout = max(0.001, min(asked or default, remaining - 0.05))
         envelope, sent, reply = await self._hub.request(
