@@ -8,6 +8,7 @@ import asyncio
 
 import grpc
 import pytest
+import redis.asyncio
 
 from agentpost.v1 import envelope_pb2, messaging_pb2, messaging_pb2_grpc
 from tests.helpers import assert_eventually
@@ -174,3 +175,25 @@ async def test_durable_subscriptions_keep_their_position_while_away(stub, target
     async with RawAgent(target, "reader") as agent:
         await asyncio.sleep(0.3)
         assert agent.deliveries() == []
+
+
+async def test_a_bus_reconnect_catches_up_on_broadcasts_missed_live(
+    start_server, redis_url, key_prefix
+):
+    app = await start_server()
+    missed = envelope_pb2.Envelope(id="01KZZZZZZZZZZZZZZZZZZZZZZZ", sender="elsewhere", kind=1)
+    missed.recipient.broadcast.SetInParent()
+    missed.payload.json.string_value = "published while this server's pub/sub was down"
+    async with RawAgent(f"127.0.0.1:{app.port}", "listener") as agent:
+        # In the log, but never fanned out live to this server (as if its pub/sub had dropped).
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await client.xadd(f"{key_prefix}:broadcasts", {"e": missed.SerializeToString()})
+        finally:
+            await client.aclose()
+        await asyncio.sleep(0.2)
+        assert agent.deliveries() == []
+        assert app.hub is not None
+        app.hub.on_bus_reset()
+        await assert_eventually(lambda: [e.delivery.id for e in agent.deliveries()] == [missed.id])
+        assert agent.deliveries()[0].delivery_id.startswith("b:")

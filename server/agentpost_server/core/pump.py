@@ -76,6 +76,7 @@ class MailboxPump:
         self._catch_ups: dict[str, CatchUp] = {}  # by position name
         self._adopt = True
         self._claim = False
+        self._recatch = False
         self._dirty = asyncio.Event()
         self._dirty.set()
         self._task: asyncio.Task[None] | None = None
@@ -98,6 +99,12 @@ class MailboxPump:
 
     def adopt_soon(self) -> None:
         self._adopt = True
+        self._dirty.set()
+
+    def catch_up_soon(self) -> None:
+        """Read the logs again from the agent's positions: live fan-out may have missed entries
+        (the bus was reconnected). What comes twice carries the same message id."""
+        self._recatch = True
         self._dirty.set()
 
     def claim_soon(self) -> None:
@@ -165,6 +172,9 @@ class MailboxPump:
     async def _step(self) -> None:
         agent, me = self._session.agent_id, self._session.instance_id
         await self._send_acks()
+        if self._recatch:
+            self._recatch = False
+            await self.prepare()
         resend = False
         if self._adopt:
             self._adopt = False

@@ -113,10 +113,12 @@ class SessionRegistry:
 
     def on_bus_reset(self) -> None:
         """The bus was reconnected: what it said meanwhile is lost. Forget where other agents'
-        sessions are, and have every pump read its mailbox (a wake-up may have been missed)."""
+        sessions are, and have every pump read its mailbox (a wake-up may have been missed) and
+        catch up on the broadcast and topic logs (a live publish may have been missed)."""
         self._cache.clear()
         for agent_id, sessions in self.by_agent.items():
             self._cache[agent_id] = {s.id: self.server_id for s in sessions}
             for session in sessions:
                 if session.pump is not None:
                     session.pump.wake()
+                    session.pump.catch_up_soon()
