@@ -16,6 +16,11 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+def field(number: int, data: bytes) -> bytes:
+    """`data` as length-delimited field `number` of an enclosing message."""
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
 def delivery_event(envelope: bytes, delivery_id: str, redeliveries: int) -> bytes:
     """A ServerEvent: delivery (field 5) = envelope, delivery_id (9), redeliveries (10)."""
     ident = delivery_id.encode()

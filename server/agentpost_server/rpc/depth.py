@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from agentpost.errors import InvalidArgumentError
 from agentpost.v1 import envelope_pb2, messaging_pb2
+from agentpost_server.core import wire
 
 
 def _number(message: type[Message], name: str) -> int:
@@ -38,31 +39,19 @@ def check_payload(payload: envelope_pb2.Payload) -> None:
 
 def check_metadata(metadata: struct_pb2.Struct) -> None:
     """As it appears in the `agent.online` event: `{"metadata": <metadata>, ...}`."""
-    entry = _field(1, b"metadata") + _field(2, _field(_STRUCT_VALUE, metadata.SerializeToString()))
-    _check(_field(_JSON, _field(_STRUCT_VALUE, _field(_FIELDS, entry))), "metadata")
+    entry = wire.field(1, b"metadata") + wire.field(
+        2, wire.field(_STRUCT_VALUE, metadata.SerializeToString())
+    )
+    _check(wire.field(_JSON, wire.field(_STRUCT_VALUE, wire.field(_FIELDS, entry))), "metadata")
 
 
 def _check(payload: bytes, name: str) -> None:
     frame = payload
     for number in reversed(_DELIVERY):
-        frame = _field(number, frame)
+        frame = wire.field(number, frame)
     try:
         messaging_pb2.ConnectResponse.FromString(frame)
     except DecodeError:
         raise InvalidArgumentError(
             f"the {name} is nested too deeply to be delivered", metadata={"field": name}
         ) from None
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """`data` as length-delimited field `number`."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

@@ -24,6 +24,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from agentpost_server.bus.v1 import bus_pb2
+from agentpost_server.core import wire
 from agentpost_server.core.names import SYSTEM_PREFIX
 from agentpost_server.core.ports import Inbound, Lane, PresenceChange
 from agentpost_server.store.errors import unavailable_on_redis_error
@@ -45,26 +46,15 @@ return id
 """
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _frame(item: bus_pb2.Routed) -> bytes:
     """`item` encoded as one element of BusBatch.items (field 1, length-delimited): batches are
     built by concatenation, without copying messages into a BusBatch."""
-    data = item.SerializeToString()
-    return b"\x0a" + _varint(len(data)) + data
+    return wire.field(1, item.SerializeToString())
 
 
 def _wake_frame(agent_id: str) -> bytes:
     """`agent_id` as one element of BusBatch.wake (field 2)."""
-    data = agent_id.encode()
-    return b"\x12" + _varint(len(data)) + data
+    return wire.field(2, agent_id.encode())
 
 
 class RedisBus:

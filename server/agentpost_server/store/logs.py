@@ -11,10 +11,11 @@ from typing import Any
 from redis.asyncio import Redis
 
 from agentpost_server.core.ports import Entry
+from agentpost_server.store.codec import entries as _entries
+from agentpost_server.store.codec import text as _text
+from agentpost_server.store.codec import wait as _wait
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
-from agentpost_server.store.mailbox import _entries
-from agentpost_server.store.presence import _text, _wait
 from agentpost_server.store.writer import PipelineWriter
 
 BROADCASTS = ""  # the position name of the broadcast log

@@ -18,9 +18,11 @@ from redis.exceptions import ResponseError
 
 from agentpost.v1 import envelope_pb2
 from agentpost_server.core.ports import Entry
+from agentpost_server.store.codec import entries as _entries
+from agentpost_server.store.codec import text as _text
+from agentpost_server.store.codec import wait as _wait
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
-from agentpost_server.store.presence import _text, _wait
 from agentpost_server.store.writer import PipelineWriter
 
 GROUP = "g"
@@ -59,16 +61,6 @@ if over > 0 then
 end
 return ids
 """
-
-
-def _entries(raw: Any) -> list[Entry]:
-    found = []
-    for stream_id, fields in raw or ():
-        if not fields:
-            continue  # deleted while pending
-        data = {_text(k): v for k, v in fields.items()}
-        found.append(Entry(_text(stream_id), int(data.get("x") or 0), bytes(data["e"])))
-    return found
 
 
 class RedisMailboxes:

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import json_format
 from redis.asyncio import Redis
 
 from agentpost.v1 import agents_pb2
 from agentpost_server.core.ports import AgentRecord, PresenceChange
+from agentpost_server.store.codec import text as _text
+from agentpost_server.store.codec import wait as _wait
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
-
-T = TypeVar("T")
 
 # Makes an agent known: its record, its mailbox's consumer group, and its broadcast position
 # (the newest broadcast now, so a new agent gets no history). Shared by _ADD and _REGISTER.
@@ -249,12 +249,3 @@ def _agent_info(agent_id: str, raw: dict[Any, Any], sessions: int) -> agents_pb2
         if value and value.isdigit() and (name != "connected_since" or sessions > 0):
             getattr(info, name).FromMilliseconds(int(value))
     return info
-
-
-async def _wait(result: Awaitable[T] | T) -> T:
-    """redis-py types commands as `Awaitable[T] | T` (sync and async share the stubs)."""
-    return await cast(Awaitable[T], result)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
