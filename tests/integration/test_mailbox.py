@@ -59,7 +59,12 @@ async def test_unacknowledged_deliveries_come_again_to_the_same_instance_in_orde
     async with RawAgent(target, "resumer", instance_id="inst-1") as first:
         await assert_eventually(lambda: len(first.deliveries()) == 10)
         await first.ack(*(e.delivery_id for e in first.deliveries()[:4]))
-        await asyncio.sleep(0.2)
+
+        async def acked() -> bool:  # acknowledged entries are deleted from the mailbox
+            box = await stub.GetMailbox(messaging_pb2.GetMailboxRequest(agent_id="resumer"))
+            return box.depth == 6
+
+        await assert_eventually(acked)
     ids += [await send(stub, "resumer", n) for n in range(10, 13)]
     async with RawAgent(target, "resumer", instance_id="inst-1") as second:
         await assert_eventually(lambda: len(second.deliveries()) == 9)
