@@ -6,12 +6,21 @@ them again on the other side of the wire).
     │   ├── InvalidAgentIdError         INVALID_AGENT_ID  INVALID_ARGUMENT
     │   ├── InvalidTopicError           INVALID_TOPIC     INVALID_ARGUMENT
     │   ├── ProtocolViolationError      PROTOCOL_VIOLATION INVALID_ARGUMENT
-    │   └── UnknownRequestError         UNKNOWN_REQUEST   INVALID_ARGUMENT
+    │   ├── UnknownRequestError         UNKNOWN_REQUEST   INVALID_ARGUMENT
+    │   └── InvalidWorkflowError        INVALID_WORKFLOW  INVALID_ARGUMENT
+    ├── UnauthenticatedError            UNAUTHENTICATED   UNAUTHENTICATED
+    ├── PermissionDeniedError           PERMISSION_DENIED PERMISSION_DENIED
     ├── AgentNotFoundError              AGENT_NOT_FOUND   NOT_FOUND
+    ├── TaskNotFoundError               TASK_NOT_FOUND    NOT_FOUND
+    ├── WorkflowNotFoundError           WORKFLOW_NOT_FOUND NOT_FOUND
+    ├── TaskStateError                  TASK_STATE_CONFLICT FAILED_PRECONDITION
+    ├── WorkflowStateError              WORKFLOW_STATE_CONFLICT FAILED_PRECONDITION
     ├── AgentOfflineError               AGENT_OFFLINE     NOT_FOUND
     │   └── NoResponderError            NO_RESPONDER      NOT_FOUND
     ├── PayloadTooLargeError            PAYLOAD_TOO_LARGE RESOURCE_EXHAUSTED
     ├── SlowConsumerError               SLOW_CONSUMER     RESOURCE_EXHAUSTED
+    ├── RateLimitedError                RATE_LIMITED      RESOURCE_EXHAUSTED
+    ├── LimitExceededError              LIMIT_EXCEEDED    RESOURCE_EXHAUSTED
     ├── RequestTimeoutError             REQUEST_TIMEOUT   DEADLINE_EXCEEDED  (also a TimeoutError)
     ├── HandlerError                    HANDLER_FAILED    UNKNOWN
     ├── UnavailableError                BACKEND_UNAVAILABLE UNAVAILABLE
@@ -59,6 +68,34 @@ class UnknownRequestError(InvalidArgumentError):
     """A reply names a request that this session is not (or no longer) answering."""
 
 
+class InvalidWorkflowError(InvalidArgumentError):
+    """A workflow definition is invalid; the message says what and where (step, cycle, ref)."""
+
+
+class UnauthenticatedError(AgentpostError):
+    """No credential, or an unknown, expired or malformed one."""
+
+
+class PermissionDeniedError(AgentpostError):
+    """The credential is valid but does not allow this action."""
+
+
+class TaskNotFoundError(AgentpostError):
+    """No task with this id exists (or it is past its retention)."""
+
+
+class WorkflowNotFoundError(AgentpostError):
+    """No workflow run with this id exists."""
+
+
+class TaskStateError(AgentpostError):
+    """The task's state does not allow this action, or the caller is no longer its assignee."""
+
+
+class WorkflowStateError(AgentpostError):
+    """The workflow run's state does not allow this action."""
+
+
 class AgentNotFoundError(AgentpostError):
     """No agent with this id is known."""
 
@@ -77,6 +114,18 @@ class PayloadTooLargeError(AgentpostError):
 
 class SlowConsumerError(AgentpostError):
     """The session fell too far behind reading its deliveries and the server closed it."""
+
+
+class RateLimitedError(AgentpostError):
+    """The agent's rate limit is used up; `retry_after` (seconds) says when to try again."""
+
+    @property
+    def retry_after(self) -> float:
+        return int(self.metadata.get("retry_after_ms", "0") or 0) / 1000
+
+
+class LimitExceededError(AgentpostError):
+    """A configured limit was hit; `metadata["limit"]` names it, `metadata["max"]` its value."""
 
 
 class RequestTimeoutError(AgentpostError, TimeoutError):

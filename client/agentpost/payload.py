@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from agentpost.errors import InvalidArgumentError
-from agentpost.v1 import envelope_pb2
+from agentpost.v1 import payload_pb2
 
 __all__ = [
     "JSON_CONTENT_TYPE",
@@ -45,15 +45,15 @@ _MAX_SAFE_INT = 2**53
 _NULL = struct_pb2.NULL_VALUE
 
 
-def to_payload(value: Any, *, content_type: str | None = None) -> envelope_pb2.Payload:
+def to_payload(value: Any, *, content_type: str | None = None) -> payload_pb2.Payload:
     """A new `Payload` holding `value`."""
-    payload = envelope_pb2.Payload()
+    payload = payload_pb2.Payload()
     fill_payload(payload, value, content_type=content_type)
     return payload
 
 
 def fill_payload(
-    payload: envelope_pb2.Payload, value: Any, *, content_type: str | None = None
+    payload: payload_pb2.Payload, value: Any, *, content_type: str | None = None
 ) -> None:
     """Write `value` into `payload` (a field of a message being built)."""
     if isinstance(value, bytes | bytearray | memoryview):
@@ -82,7 +82,7 @@ def fill_headers(
         ) from None
 
 
-def from_payload(payload: envelope_pb2.Payload) -> Any:
+def from_payload(payload: payload_pb2.Payload) -> Any:
     """The Python value of a `Payload`: JSON data, `bytes`, or `None` when the body is empty."""
     body = payload.WhichOneof("body")
     if body == "json":
@@ -92,7 +92,7 @@ def from_payload(payload: envelope_pb2.Payload) -> Any:
     return None
 
 
-def content_type_of(payload: envelope_pb2.Payload) -> str:
+def content_type_of(payload: payload_pb2.Payload) -> str:
     """The effective content type: the explicit one, else the default of the body's kind."""
     if payload.content_type:
         return payload.content_type

@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 
 import agentpost
 from agentpost import payload as P
-from agentpost.v1 import envelope_pb2, messaging_pb2
+from agentpost.v1 import messaging_pb2, payload_pb2
 
 
 class Color(enum.StrEnum):
@@ -49,7 +49,7 @@ def test_json_values_round_trip(value: Any) -> None:
     assert P.from_payload(message) == value
     assert P.content_type_of(message) == "application/json"
     # ... and survive the wire.
-    again = envelope_pb2.Payload.FromString(message.SerializeToString())
+    again = payload_pb2.Payload.FromString(message.SerializeToString())
     assert P.from_payload(again) == value
 
 
@@ -89,8 +89,8 @@ def test_content_type_can_be_chosen() -> None:
 
 
 def test_empty_payload_is_none() -> None:
-    assert P.from_payload(envelope_pb2.Payload()) is None
-    assert P.content_type_of(envelope_pb2.Payload()) == ""
+    assert P.from_payload(payload_pb2.Payload()) is None
+    assert P.content_type_of(payload_pb2.Payload()) == ""
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, Phase, given, reject, seed, settings
 from hypothesis import strategies as st
 
 import agentpost
-from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2
+from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2, payload_pb2
 from tests.conftest import StartServer
 from tests.helpers import assert_eventually
 
@@ -208,8 +208,8 @@ _structs = st.one_of(
 
 
 @st.composite
-def _payloads(draw: st.DrawFn) -> envelope_pb2.Payload:
-    payload = envelope_pb2.Payload()
+def _payloads(draw: st.DrawFn) -> payload_pb2.Payload:
+    payload = payload_pb2.Payload()
     body = draw(st.sampled_from(["json", "data", "none"]))
     if body == "json":
         _copy(payload.json, draw(_values))

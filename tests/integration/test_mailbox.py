@@ -10,7 +10,7 @@ import grpc
 import pytest
 import redis.asyncio
 
-from agentpost.v1 import envelope_pb2, messaging_pb2, messaging_pb2_grpc
+from agentpost.v1 import envelope_pb2, messaging_pb2, messaging_pb2_grpc, payload_pb2
 from tests.helpers import assert_eventually
 from tests.integration.raw import RawAgent
 
@@ -21,8 +21,8 @@ async def stub(target: str):
         yield messaging_pb2_grpc.AgentMessagingStub(channel)
 
 
-def text(n: int | str) -> envelope_pb2.Payload:
-    return envelope_pb2.Payload(json={"string_value": str(n)})
+def text(n: int | str) -> payload_pb2.Payload:
+    return payload_pb2.Payload(json={"string_value": str(n)})
 
 
 async def send(stub, to: str, n: int | str, **extra: object) -> str:

@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2, messaging_pb2_grpc
+from agentpost.v1 import errors_pb2, messaging_pb2, messaging_pb2_grpc, payload_pb2
 
 pytestmark = pytest.mark.asyncio
 
@@ -121,15 +121,13 @@ async def test_payload_over_the_limit_is_resource_exhausted(start_server) -> Non
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = messaging_pb2_grpc.AgentMessagingStub(channel)
         request = messaging_pb2.PublishRequest(
-            topic="big", payload=envelope_pb2.Payload(data=b"x" * 2000)
+            topic="big", payload=payload_pb2.Payload(data=b"x" * 2000)
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Publish(request)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert reason_of(caught.value) == "PAYLOAD_TOO_LARGE"
-        ok = messaging_pb2.PublishRequest(
-            topic="big", payload=envelope_pb2.Payload(data=b"x" * 500)
-        )
+        ok = messaging_pb2.PublishRequest(topic="big", payload=payload_pb2.Payload(data=b"x" * 500))
         assert (await stub.Publish(ok)).message_id
 
 

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from agentpost.v1 import errors_pb2 as agentpost_dot_v1_dot_errors__pb2
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from agentpost.v1 import payload_pb2 as agentpost_dot_v1_dot_payload__pb2
+from agentpost.v1 import tasks_pb2 as agentpost_dot_v1_dot_tasks__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentpost/v1/envelope.proto\x12\x0c\x61gentpost.v1\x1a\x19\x61gentpost/v1/errors.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0b\n\tBroadcast\"h\n\tRecipient\x12\x12\n\x08\x61gent_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05topic\x18\x02 \x01(\tH\x00\x12,\n\tbroadcast\x18\x03 \x01(\x0b\x32\x17.agentpost.v1.BroadcastH\x00\x42\x08\n\x06target\"_\n\x07Payload\x12&\n\x04json\x18\x01 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\tB\x06\n\x04\x62ody\"\xf5\x02\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12*\n\trecipient\x18\x03 \x01(\x0b\x32\x17.agentpost.v1.Recipient\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.agentpost.v1.MessageKind\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x07headers\x18\x07 \x03(\x0b\x32#.agentpost.v1.Envelope.HeadersEntry\x12&\n\x07payload\x18\x08 \x01(\x0b\x32\x15.agentpost.v1.Payload\x12\"\n\x05\x65rror\x18\t \x01(\x0b\x32\x13.agentpost.v1.Error\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8f\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_KIND_MESSAGE\x10\x01\x12\x18\n\x14MESSAGE_KIND_REQUEST\x10\x02\x12\x16\n\x12MESSAGE_KIND_REPLY\x10\x03\x12\x16\n\x12MESSAGE_KIND_EVENT\x10\x04\x42@Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentpost/v1/envelope.proto\x12\x0c\x61gentpost.v1\x1a\x19\x61gentpost/v1/errors.proto\x1a\x1a\x61gentpost/v1/payload.proto\x1a\x18\x61gentpost/v1/tasks.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0b\n\tBroadcast\"h\n\tRecipient\x12\x12\n\x08\x61gent_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05topic\x18\x02 \x01(\tH\x00\x12,\n\tbroadcast\x18\x03 \x01(\x0b\x32\x17.agentpost.v1.BroadcastH\x00\x42\x08\n\x06target\"\x9d\x03\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12*\n\trecipient\x18\x03 \x01(\x0b\x32\x17.agentpost.v1.Recipient\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.agentpost.v1.MessageKind\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x07headers\x18\x07 \x03(\x0b\x32#.agentpost.v1.Envelope.HeadersEntry\x12&\n\x07payload\x18\x08 \x01(\x0b\x32\x15.agentpost.v1.Payload\x12\"\n\x05\x65rror\x18\t \x01(\x0b\x32\x13.agentpost.v1.Error\x12&\n\x04task\x18\n \x01(\x0b\x32\x18.agentpost.v1.TaskNotice\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xca\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_KIND_MESSAGE\x10\x01\x12\x18\n\x14MESSAGE_KIND_REQUEST\x10\x02\x12\x16\n\x12MESSAGE_KIND_REPLY\x10\x03\x12\x16\n\x12MESSAGE_KIND_EVENT\x10\x04\x12\x1b\n\x17MESSAGE_KIND_TASK_OFFER\x10\x05\x12\x1c\n\x18MESSAGE_KIND_TASK_UPDATE\x10\x06\x42@Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,16 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1'
   _globals['_ENVELOPE_HEADERSENTRY']._loaded_options = None
   _globals['_ENVELOPE_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_MESSAGEKIND']._serialized_start=728
-  _globals['_MESSAGEKIND']._serialized_end=871
-  _globals['_BROADCAST']._serialized_start=135
-  _globals['_BROADCAST']._serialized_end=146
-  _globals['_RECIPIENT']._serialized_start=148
-  _globals['_RECIPIENT']._serialized_end=252
-  _globals['_PAYLOAD']._serialized_start=254
-  _globals['_PAYLOAD']._serialized_end=349
-  _globals['_ENVELOPE']._serialized_start=352
-  _globals['_ENVELOPE']._serialized_end=725
-  _globals['_ENVELOPE_HEADERSENTRY']._serialized_start=679
-  _globals['_ENVELOPE_HEADERSENTRY']._serialized_end=725
+  _globals['_MESSAGEKIND']._serialized_start=695
+  _globals['_MESSAGEKIND']._serialized_end=897
+  _globals['_BROADCAST']._serialized_start=159
+  _globals['_BROADCAST']._serialized_end=170
+  _globals['_RECIPIENT']._serialized_start=172
+  _globals['_RECIPIENT']._serialized_end=276
+  _globals['_ENVELOPE']._serialized_start=279
+  _globals['_ENVELOPE']._serialized_end=692
+  _globals['_ENVELOPE_HEADERSENTRY']._serialized_start=646
+  _globals['_ENVELOPE_HEADERSENTRY']._serialized_end=692
 # @@protoc_insertion_point(module_scope)

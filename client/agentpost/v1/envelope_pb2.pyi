@@ -4,10 +4,11 @@ isort:skip_file
 """
 
 from agentpost.v1 import errors_pb2 as _errors_pb2
+from agentpost.v1 import payload_pb2 as _payload_pb2
+from agentpost.v1 import tasks_pb2 as _tasks_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -38,6 +39,10 @@ class _MessageKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageKi
     """The reply to a request; `correlation_id` is the request's id."""
     MESSAGE_KIND_EVENT: _MessageKind.ValueType  # 4
     """A system event published by the server, for example an agent joining or leaving."""
+    MESSAGE_KIND_TASK_OFFER: _MessageKind.ValueType  # 5
+    """A task offered to this agent; `task` holds it. Accept, reject or let it time out."""
+    MESSAGE_KIND_TASK_UPDATE: _MessageKind.ValueType  # 6
+    """News about a task this agent holds (canceled, expired, the originator's answer); `task`."""
 
 class MessageKind(_MessageKind, metaclass=_MessageKindEnumTypeWrapper):
     """What an envelope is, which decides how a receiver treats it."""
@@ -52,6 +57,10 @@ MESSAGE_KIND_REPLY: MessageKind.ValueType  # 3
 """The reply to a request; `correlation_id` is the request's id."""
 MESSAGE_KIND_EVENT: MessageKind.ValueType  # 4
 """A system event published by the server, for example an agent joining or leaving."""
+MESSAGE_KIND_TASK_OFFER: MessageKind.ValueType  # 5
+"""A task offered to this agent; `task` holds it. Accept, reject or let it time out."""
+MESSAGE_KIND_TASK_UPDATE: MessageKind.ValueType  # 6
+"""News about a task this agent holds (canceled, expired, the originator's answer); `task`."""
 Global___MessageKind: _TypeAlias = MessageKind  # noqa: Y015
 
 @_typing.final
@@ -106,45 +115,6 @@ class Recipient(_message.Message):
 Global___Recipient: _TypeAlias = Recipient  # noqa: Y015
 
 @_typing.final
-class Payload(_message.Message):
-    """The body of a message: JSON-shaped data, or bytes with a content type."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    JSON_FIELD_NUMBER: _builtins.int
-    DATA_FIELD_NUMBER: _builtins.int
-    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
-    data: _builtins.bytes
-    """Opaque bytes; see `content_type`."""
-    content_type: _builtins.str
-    """The MIME type of `data`, for example "text/plain" or "application/octet-stream". Optional for
-    `json` (it is then "application/json").
-    """
-    @_builtins.property
-    def json(self) -> _struct_pb2.Value:
-        """Any JSON value (object, array, string, number, bool or null). Numbers are float64, so
-        integers beyond 2^53 do not travel exactly; keep nesting under about 30 levels (protobuf
-        decoders stop at 100 message levels, and each JSON level costs several).
-        """
-
-    def __init__(
-        self,
-        *,
-        json: _struct_pb2.Value | None = ...,
-        data: _builtins.bytes = ...,
-        content_type: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "data", b"data", "json", b"json"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "data", b"data", "json", b"json"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["json", "data"]  # noqa: Y015
-    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
-
-Global___Payload: _TypeAlias = Payload  # noqa: Y015
-
-@_typing.final
 class Envelope(_message.Message):
     """A message as the server delivers it. Every field but `payload`, `headers` and `error` is set by
     the server: a client never chooses the id, the time or the sender.
@@ -181,6 +151,7 @@ class Envelope(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned unique id: 26 characters (ULID), lexicographically sortable by creation time."""
     sender: _builtins.str
@@ -202,12 +173,16 @@ class Envelope(_message.Message):
         """Free-form string headers chosen by the sender."""
 
     @_builtins.property
-    def payload(self) -> Global___Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
     def error(self) -> _errors_pb2.Error:
         """For a reply: set when the responder failed instead of answering."""
+
+    @_builtins.property
+    def task(self) -> _tasks_pb2.TaskNotice:
+        """For TASK_OFFER and TASK_UPDATE: the task and the event."""
 
     def __init__(
         self,
@@ -219,12 +194,13 @@ class Envelope(_message.Message):
         correlation_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        payload: Global___Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         error: _errors_pb2.Error | None = ...,
+        task: _tasks_pb2.TaskNotice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "payload", b"payload", "recipient", b"recipient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "payload", b"payload", "recipient", b"recipient", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "created_at", b"created_at", "error", b"error", "headers", b"headers", "id", b"id", "kind", b"kind", "payload", b"payload", "recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "created_at", b"created_at", "error", b"error", "headers", b"headers", "id", b"id", "kind", b"kind", "payload", b"payload", "recipient", b"recipient", "sender", b"sender", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,6 +67,34 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE: the connection to the server was lost before an answer arrived (client side)."""
     ERROR_REASON_SLOW_CONSUMER: _ErrorReason.ValueType  # 16
     """RESOURCE_EXHAUSTED: the session fell too far behind reading its deliveries and was closed."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 17
+    """UNAUTHENTICATED: the call carries no credential, or one that is unknown, expired or malformed."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 18
+    """PERMISSION_DENIED: the credential is valid but does not allow this (another agent's mailbox or
+    task, a capability or topic it was not granted, acting under another agent's id).
+    """
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: the agent's rate limit is used up; `metadata["retry_after_ms"]` says when
+    to try again.
+    """
+    ERROR_REASON_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 20
+    """RESOURCE_EXHAUSTED: a configured limit was hit (sessions per agent, in-flight requests,
+    headers, workflow size...); `metadata["limit"]` names it and `metadata["max"]` gives its value.
+    """
+    ERROR_REASON_TASK_NOT_FOUND: _ErrorReason.ValueType  # 21
+    """NOT_FOUND: no task with this id exists (or it is past its retention)."""
+    ERROR_REASON_TASK_STATE_CONFLICT: _ErrorReason.ValueType  # 22
+    """FAILED_PRECONDITION: the task is not in a state that allows this action, or the caller is
+    not (or no longer) its assignee, for example a late second `complete`.
+    """
+    ERROR_REASON_WORKFLOW_NOT_FOUND: _ErrorReason.ValueType  # 23
+    """NOT_FOUND: no workflow run with this id exists."""
+    ERROR_REASON_INVALID_WORKFLOW: _ErrorReason.ValueType  # 24
+    """INVALID_ARGUMENT: a workflow definition is invalid (unknown or duplicate step ids, a cycle,
+    a reference to a step that is not upstream...); the message says exactly what and where.
+    """
+    ERROR_REASON_WORKFLOW_STATE_CONFLICT: _ErrorReason.ValueType  # 25
+    """FAILED_PRECONDITION: the workflow run is not in a state that allows this action."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call or an operation failed. Sent as `google.rpc.ErrorInfo.reason` (domain "agentpost")
@@ -117,6 +145,34 @@ ERROR_REASON_CONNECTION_LOST: ErrorReason.ValueType  # 15
 """UNAVAILABLE: the connection to the server was lost before an answer arrived (client side)."""
 ERROR_REASON_SLOW_CONSUMER: ErrorReason.ValueType  # 16
 """RESOURCE_EXHAUSTED: the session fell too far behind reading its deliveries and was closed."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 17
+"""UNAUTHENTICATED: the call carries no credential, or one that is unknown, expired or malformed."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 18
+"""PERMISSION_DENIED: the credential is valid but does not allow this (another agent's mailbox or
+task, a capability or topic it was not granted, acting under another agent's id).
+"""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: the agent's rate limit is used up; `metadata["retry_after_ms"]` says when
+to try again.
+"""
+ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 20
+"""RESOURCE_EXHAUSTED: a configured limit was hit (sessions per agent, in-flight requests,
+headers, workflow size...); `metadata["limit"]` names it and `metadata["max"]` gives its value.
+"""
+ERROR_REASON_TASK_NOT_FOUND: ErrorReason.ValueType  # 21
+"""NOT_FOUND: no task with this id exists (or it is past its retention)."""
+ERROR_REASON_TASK_STATE_CONFLICT: ErrorReason.ValueType  # 22
+"""FAILED_PRECONDITION: the task is not in a state that allows this action, or the caller is
+not (or no longer) its assignee, for example a late second `complete`.
+"""
+ERROR_REASON_WORKFLOW_NOT_FOUND: ErrorReason.ValueType  # 23
+"""NOT_FOUND: no workflow run with this id exists."""
+ERROR_REASON_INVALID_WORKFLOW: ErrorReason.ValueType  # 24
+"""INVALID_ARGUMENT: a workflow definition is invalid (unknown or duplicate step ids, a cycle,
+a reference to a step that is not upstream...); the message says exactly what and where.
+"""
+ERROR_REASON_WORKFLOW_STATE_CONFLICT: ErrorReason.ValueType  # 25
+"""FAILED_PRECONDITION: the workflow run is not in a state that allows this action."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

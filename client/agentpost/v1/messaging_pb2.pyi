@@ -6,6 +6,7 @@ isort:skip_file
 from agentpost.v1 import agents_pb2 as _agents_pb2
 from agentpost.v1 import envelope_pb2 as _envelope_pb2
 from agentpost.v1 import errors_pb2 as _errors_pb2
+from agentpost.v1 import payload_pb2 as _payload_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -252,7 +253,7 @@ class SendMessage(_message.Message):
     idempotency window) returns the first message's id and stores nothing.
     """
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
@@ -267,7 +268,7 @@ class SendMessage(_message.Message):
         self,
         *,
         to: _builtins.str = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
         idempotency_key: _builtins.str = ...,
@@ -320,7 +321,7 @@ class PublishMessage(_message.Message):
         """Every connected agent."""
 
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
@@ -332,7 +333,7 @@ class PublishMessage(_message.Message):
         *,
         topic: _builtins.str = ...,
         broadcast: _envelope_pb2.Broadcast | None = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         include_self: _builtins.bool = ...,
     ) -> None: ...
@@ -379,7 +380,7 @@ class RequestMessage(_message.Message):
     to: _builtins.str
     """The agent that should answer."""
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
@@ -394,7 +395,7 @@ class RequestMessage(_message.Message):
         self,
         *,
         to: _builtins.str = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
@@ -439,7 +440,7 @@ class ReplyMessage(_message.Message):
     correlation_id: _builtins.str
     """The id of the request being answered."""
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body of the answer."""
 
     @_builtins.property
@@ -454,7 +455,7 @@ class ReplyMessage(_message.Message):
         self,
         *,
         correlation_id: _builtins.str = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         error: _errors_pb2.Error | None = ...,
     ) -> None: ...
@@ -778,7 +779,7 @@ class SendRequest(_message.Message):
     idempotency_key: _builtins.str
     """Makes retries safe: see SendMessage.idempotency_key."""
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
@@ -793,7 +794,7 @@ class SendRequest(_message.Message):
         self,
         *,
         to: _builtins.str = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
         idempotency_key: _builtins.str = ...,
@@ -874,7 +875,7 @@ class PublishRequest(_message.Message):
         """Every connected agent."""
 
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
@@ -886,7 +887,7 @@ class PublishRequest(_message.Message):
         *,
         topic: _builtins.str = ...,
         broadcast: _envelope_pb2.Broadcast | None = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         include_self: _builtins.bool = ...,
     ) -> None: ...
@@ -961,7 +962,7 @@ class RequestRequest(_message.Message):
     to: _builtins.str
     """The agent that should answer."""
     @_builtins.property
-    def payload(self) -> _envelope_pb2.Payload:
+    def payload(self) -> _payload_pb2.Payload:
         """The body."""
 
     @_builtins.property
@@ -976,7 +977,7 @@ class RequestRequest(_message.Message):
         self,
         *,
         to: _builtins.str = ...,
-        payload: _envelope_pb2.Payload | None = ...,
+        payload: _payload_pb2.Payload | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...

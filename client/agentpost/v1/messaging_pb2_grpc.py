@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from agentpost.v1 import messaging_pb2 as agentpost_dot_v1_dot_messaging__pb2
+from agentpost.v1 import tasks_pb2 as agentpost_dot_v1_dot_tasks__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -93,6 +94,41 @@ class AgentMessagingStub:
                 request_serializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersRequest.SerializeToString,
                 response_deserializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.Handoff = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/Handoff',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.HandoffRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.HandoffResponse.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/GetTask',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.GetTaskResponse.FromString,
+                _registered_method=True)
+        self.WatchTask = channel.unary_stream(
+                '/agentpost.v1.AgentMessaging/WatchTask',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.WatchTaskRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.WatchTaskResponse.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/CancelTask',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
+        self.UpdateTask = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/UpdateTask',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.UpdateTaskRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.UpdateTaskResponse.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/ListTasks',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/ListAudit',
+                request_serializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AgentMessagingServicer:
@@ -179,6 +215,57 @@ class AgentMessagingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Handoff(self, request, context):
+        """Hand a task to an agent, or to any agent with a capability. Returns at once with the task id;
+        the task is then offered, retried and tracked by the server (see TaskState).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Describe a task: state, assignee, attempts, result, optionally its history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTask(self, request, context):
+        """Stream a task's events from a given point; ends after the terminal event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Cancel an open task (originator only); the assignee is told.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTask(self, request, context):
+        """An assignee's action on a task (accept, reject, progress, ask, complete, fail), or the
+        originator's answer to a question.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """List tasks, newest first: all, by state, or the dead ones (failed, expired, rejected).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """List the audit stream: every handoff, task transition and refused action, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentMessagingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +318,41 @@ def add_AgentMessagingServicer_to_server(servicer, server):
                     servicer.ListDeadLetters,
                     request_deserializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersRequest.FromString,
                     response_serializer=agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'Handoff': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handoff,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.HandoffRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.HandoffResponse.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.GetTaskRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'WatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTask,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.WatchTaskRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.WatchTaskResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.CancelTaskRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'UpdateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTask,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.UpdateTaskRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.UpdateTaskResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.ListTasksRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -512,6 +634,195 @@ class AgentMessaging:
             '/agentpost.v1.AgentMessaging/ListDeadLetters',
             agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersRequest.SerializeToString,
             agentpost_dot_v1_dot_messaging__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/Handoff',
+            agentpost_dot_v1_dot_tasks__pb2.HandoffRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.HandoffResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/GetTask',
+            agentpost_dot_v1_dot_tasks__pb2.GetTaskRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/WatchTask',
+            agentpost_dot_v1_dot_tasks__pb2.WatchTaskRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.WatchTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/CancelTask',
+            agentpost_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/UpdateTask',
+            agentpost_dot_v1_dot_tasks__pb2.UpdateTaskRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.UpdateTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/ListTasks',
+            agentpost_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/ListAudit',
+            agentpost_dot_v1_dot_tasks__pb2.ListAuditRequest.SerializeToString,
+            agentpost_dot_v1_dot_tasks__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

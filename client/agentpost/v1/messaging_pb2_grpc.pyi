@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from agentpost.v1 import messaging_pb2 as _messaging_pb2
+from agentpost.v1 import tasks_pb2 as _tasks_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -65,6 +66,24 @@ class AgentMessagingStub:
     """How many messages wait in an agent's mailbox, and how old the oldest is."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_messaging_pb2.ListDeadLettersRequest, _messaging_pb2.ListDeadLettersResponse]
     """Messages that expired or were trimmed before delivery, newest first."""
+    Handoff: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.HandoffRequest, _tasks_pb2.HandoffResponse]
+    """Hand a task to an agent, or to any agent with a capability. Returns at once with the task id;
+    the task is then offered, retried and tracked by the server (see TaskState).
+    """
+    GetTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]
+    """Describe a task: state, assignee, attempts, result, optionally its history."""
+    WatchTask: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WatchTaskRequest, _tasks_pb2.WatchTaskResponse]
+    """Stream a task's events from a given point; ends after the terminal event."""
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.CancelTaskResponse]
+    """Cancel an open task (originator only); the assignee is told."""
+    UpdateTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.UpdateTaskRequest, _tasks_pb2.UpdateTaskResponse]
+    """An assignee's action on a task (accept, reject, progress, ask, complete, fail), or the
+    originator's answer to a question.
+    """
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
+    """List tasks, newest first: all, by state, or the dead ones (failed, expired, rejected)."""
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListAuditRequest, _tasks_pb2.ListAuditResponse]
+    """List the audit stream: every handoff, task transition and refused action, newest first."""
 
 @_typing.type_check_only
 class AgentMessagingAsyncStub(AgentMessagingStub):
@@ -103,6 +122,24 @@ class AgentMessagingAsyncStub(AgentMessagingStub):
     """How many messages wait in an agent's mailbox, and how old the oldest is."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_messaging_pb2.ListDeadLettersRequest, _messaging_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """Messages that expired or were trimmed before delivery, newest first."""
+    Handoff: _aio.UnaryUnaryMultiCallable[_tasks_pb2.HandoffRequest, _tasks_pb2.HandoffResponse]  # type: ignore[assignment]
+    """Hand a task to an agent, or to any agent with a capability. Returns at once with the task id;
+    the task is then offered, retried and tracked by the server (see TaskState).
+    """
+    GetTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]  # type: ignore[assignment]
+    """Describe a task: state, assignee, attempts, result, optionally its history."""
+    WatchTask: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchTaskRequest, _tasks_pb2.WatchTaskResponse]  # type: ignore[assignment]
+    """Stream a task's events from a given point; ends after the terminal event."""
+    CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.CancelTaskResponse]  # type: ignore[assignment]
+    """Cancel an open task (originator only); the assignee is told."""
+    UpdateTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.UpdateTaskRequest, _tasks_pb2.UpdateTaskResponse]  # type: ignore[assignment]
+    """An assignee's action on a task (accept, reject, progress, ask, complete, fail), or the
+    originator's answer to a question.
+    """
+    ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """List tasks, newest first: all, by state, or the dead ones (failed, expired, rejected)."""
+    ListAudit: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListAuditRequest, _tasks_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """List the audit stream: every handoff, task transition and refused action, newest first."""
 
 class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
     """The agentpost message bus: agents (separate processes, any language) send each other direct
@@ -198,5 +235,65 @@ class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_messaging_pb2.ListDeadLettersResponse, _abc.Awaitable[_messaging_pb2.ListDeadLettersResponse]]:
         """Messages that expired or were trimmed before delivery, newest first."""
+
+    @_abc_1.abstractmethod
+    def Handoff(
+        self,
+        request: _tasks_pb2.HandoffRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.HandoffResponse, _abc.Awaitable[_tasks_pb2.HandoffResponse]]:
+        """Hand a task to an agent, or to any agent with a capability. Returns at once with the task id;
+        the task is then offered, retried and tracked by the server (see TaskState).
+        """
+
+    @_abc_1.abstractmethod
+    def GetTask(
+        self,
+        request: _tasks_pb2.GetTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.GetTaskResponse, _abc.Awaitable[_tasks_pb2.GetTaskResponse]]:
+        """Describe a task: state, assignee, attempts, result, optionally its history."""
+
+    @_abc_1.abstractmethod
+    def WatchTask(
+        self,
+        request: _tasks_pb2.WatchTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.WatchTaskResponse], _abc.AsyncIterator[_tasks_pb2.WatchTaskResponse]]:
+        """Stream a task's events from a given point; ends after the terminal event."""
+
+    @_abc_1.abstractmethod
+    def CancelTask(
+        self,
+        request: _tasks_pb2.CancelTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.CancelTaskResponse, _abc.Awaitable[_tasks_pb2.CancelTaskResponse]]:
+        """Cancel an open task (originator only); the assignee is told."""
+
+    @_abc_1.abstractmethod
+    def UpdateTask(
+        self,
+        request: _tasks_pb2.UpdateTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.UpdateTaskResponse, _abc.Awaitable[_tasks_pb2.UpdateTaskResponse]]:
+        """An assignee's action on a task (accept, reject, progress, ask, complete, fail), or the
+        originator's answer to a question.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _tasks_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListTasksResponse, _abc.Awaitable[_tasks_pb2.ListTasksResponse]]:
+        """List tasks, newest first: all, by state, or the dead ones (failed, expired, rejected)."""
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _tasks_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListAuditResponse, _abc.Awaitable[_tasks_pb2.ListAuditResponse]]:
+        """List the audit stream: every handoff, task transition and refused action, newest first."""
 
 def add_AgentMessagingServicer_to_server(servicer: AgentMessagingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,7 +7,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from agentpost.errors import InvalidArgumentError
-from agentpost.v1 import envelope_pb2
+from agentpost.v1 import envelope_pb2, payload_pb2
 from agentpost_server.core.ports import AgentRecord
 
 SYSTEM_SENDER = "_agentpost"
@@ -52,7 +52,7 @@ def system_envelope(message_id: str, topic: str, value: struct_pb2.Value) -> env
         id=message_id,
         sender=SYSTEM_SENDER,
         kind=envelope_pb2.MESSAGE_KIND_EVENT,
-        payload=envelope_pb2.Payload(json=value),
+        payload=payload_pb2.Payload(json=value),
     )
     envelope.recipient.topic = topic
     envelope.created_at.GetCurrentTime()

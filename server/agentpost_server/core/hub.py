@@ -29,7 +29,7 @@ from agentpost.errors import (
     ServerShuttingDownError,
     UnknownRequestError,
 )
-from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2
+from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2, payload_pb2
 from agentpost_server.bus.v1 import bus_pb2
 from agentpost_server.core import events, fanout, names
 from agentpost_server.core.ids import UlidFactory, new_instance_id
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 Kind = envelope_pb2.MessageKind
 Envelope = envelope_pb2.Envelope
-Payload = envelope_pb2.Payload
+Payload = payload_pb2.Payload
 
 
 class Hub:

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
 
 from agentpost.errors import InvalidArgumentError
-from agentpost.v1 import envelope_pb2, messaging_pb2
+from agentpost.v1 import envelope_pb2, messaging_pb2, payload_pb2
 from agentpost_server.core import wire
 
 
@@ -28,12 +28,12 @@ _DELIVERY = (
     _number(messaging_pb2.ServerEvent, "delivery"),
     _number(envelope_pb2.Envelope, "payload"),
 )
-_JSON = _number(envelope_pb2.Payload, "json")
+_JSON = _number(payload_pb2.Payload, "json")
 _STRUCT_VALUE = _number(struct_pb2.Value, "struct_value")
 _FIELDS = _number(struct_pb2.Struct, "fields")
 
 
-def check_payload(payload: envelope_pb2.Payload) -> None:
+def check_payload(payload: payload_pb2.Payload) -> None:
     _check(payload.SerializeToString(), "payload")
 
 

@@ -31,7 +31,9 @@ def _serialize(message: Message | bytes) -> bytes:
 def add_to_server(servicer: object, server: grpc.aio.Server) -> None:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
-        impl = getattr(servicer, method.name)
+        impl = getattr(servicer, method.name, None)
+        if impl is None:  # not served (yet): grpc answers UNIMPLEMENTED
+            continue
         if method.client_streaming and method.server_streaming:
             handler = grpc.stream_stream_rpc_method_handler(impl, None, _serialize)
         elif method.server_streaming:
