@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_unacked: int = Field(1_000, gt=0, description="default per-session delivery window")
     broadcast_retention: int = Field(100_000, gt=0, description="broadcasts kept for catch-up")
     sweep_interval: float = Field(30.0, gt=0, description="seconds between mailbox expiry sweeps")
+    audit_retention: int = Field(1_000_000, gt=0, description="audit records kept (about)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 

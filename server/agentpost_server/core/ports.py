@@ -175,3 +175,28 @@ class Logs(Protocol):
     async def save_durable(self, agent_id: str, name: str, patterns: list[str]) -> None: ...
 
     async def delete_durable(self, agent_id: str, name: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Who did what to what, and when (unix ms)."""
+
+    id: str
+    time_ms: int
+    actor: str
+    action: str
+    subject: str
+    details: Mapping[str, str]
+
+
+class Audit(Protocol):
+    """The audit stream: an append-only, count-trimmed record of handoffs, task transitions and
+    refused actions."""
+
+    async def append(
+        self, actor: str, action: str, subject: str, details: Mapping[str, str] | None = None
+    ) -> None: ...
+
+    async def list(self, subject: str, limit: int) -> list[AuditRecord]:
+        """Newest first; `subject` "" for all."""
+        ...

@@ -16,6 +16,7 @@ class Keys:
         self.dead_letters = f"{prefix}:dead"  # STREAM of undeliverable messages, with reasons
         self.broadcast_log = f"{prefix}:broadcasts"  # STREAM of recent broadcasts
         self.topic_log = f"{prefix}:topiclog"  # STREAM of recent topic publishes
+        self.audit = f"{prefix}:audit"  # STREAM: actor, action, subject, t, d (details JSON)
 
     def agent(self, agent_id: str) -> str:
         """HASH: capabilities, metadata (JSON), first_seen, connected_since, last_seen (unix ms),
