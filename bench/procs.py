@@ -152,6 +152,7 @@ async def agentpost_server(redis_url: str, directory: Path, *, pin: bool) -> Asy
         "AGENTPOST_REDIS_URL": redis_url,
         "AGENTPOST_LISTEN": target,
         "AGENTPOST_WORKER": "false",
+        "AGENTPOST_PLAINTEXT": "true",
         "AGENTPOST_KEY_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
     }
     argv = [sys.executable, "-m", "agentpost_server"]

@@ -87,6 +87,7 @@ async def start_server(redis_url: str, key_prefix: str) -> AsyncIterator[StartSe
             "key_prefix": key_prefix,
             "worker": False,
             "shutdown_grace": 1.0,
+            "plaintext": True,
         }
         values.update(overrides)
         app = App(Settings(**values))

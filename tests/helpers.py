@@ -89,6 +89,7 @@ def spawn_server(
         "AGENTPOST_LISTEN": target,
         "AGENTPOST_KEY_PREFIX": key_prefix,
         "AGENTPOST_WORKER": "true" if worker else "false",
+        "AGENTPOST_PLAINTEXT": "true",
         **env,
     }
     log_path = log_dir / f"server-{port}.log"

@@ -56,6 +56,7 @@ async def handle(hub: Hub, session: LocalSession, op: messaging_pb2.ClientOperat
                 publish.payload,
                 publish.headers,
                 publish.include_self,
+                principal=session.principal,
             )
             _answer_when_sent(session, op_id, envelope, sent)
         elif kind == "request":

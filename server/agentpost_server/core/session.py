@@ -45,6 +45,7 @@ class LocalSession:
     last_heard: float = field(default_factory=time.monotonic)
     closed: bool = False
     pump: Any = None  # the MailboxPump of an agent session
+    principal: Any = None  # the core.auth.Principal that opened it
     close_error: AgentpostError | None = None
     _events: deque[messaging_pb2.ServerEvent | bytes] = field(default_factory=deque)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)

@@ -1,4 +1,5 @@
-"""Every RPC goes through one of these wrappers, which turn exceptions into gRPC statuses with the
+"""Every RPC goes through one of these wrappers, which authenticate the call (`rpc.auth`: the
+method asks `caller(context)` who it is) and turn exceptions into gRPC statuses with the
 table in `agentpost._status`. Unknown exceptions are logged with their traceback and become
 INTERNAL with a generic text: `str(exc)` is never sent to a peer."""
 
@@ -14,11 +15,12 @@ from google.protobuf.message import Message
 
 from agentpost._status import to_status
 from agentpost.errors import AgentpostError, InternalError
+from agentpost_server.rpc.auth import Authenticated
 from agentpost_server.rpc.handlers import decode
 
 log = logging.getLogger(__name__)
 
-S = TypeVar("S")
+S = TypeVar("S", bound=Authenticated)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -64,12 +66,13 @@ StreamMethod = Callable[[S, Req, Ctx], AsyncIterator[Resp]]
 def unary(
     request_type: type[Message] | None,
 ) -> Callable[[UnaryMethod[S, Req, Resp]], Callable[[S, Any, Ctx], Awaitable[Resp]]]:
-    """Decode the raw request (unless None) and map every exception to a status."""
+    """Authenticate, decode the raw request (unless None), map every exception to a status."""
 
     def decorate(method: UnaryMethod[S, Req, Resp]) -> Callable[[S, Any, Ctx], Awaitable[Resp]]:
         @functools.wraps(method)
         async def wrapper(self: S, raw: Any, context: Ctx) -> Resp:
             try:
+                self.call_auth.enter(context)
                 request = decode(request_type, raw) if request_type is not None else raw
                 return await method(self, request, context)
             except grpc.aio.AbortError:
@@ -93,6 +96,7 @@ def streaming(
         @functools.wraps(method)
         async def wrapper(self: S, raw: Any, context: Ctx) -> AsyncIterator[Resp]:
             try:
+                self.call_auth.enter(context)
                 request = decode(request_type, raw) if request_type is not None else raw
                 async for response in method(self, request, context):
                     yield response

@@ -21,16 +21,16 @@ from agentpost.errors import (
 )
 from agentpost.v1 import agents_pb2, errors_pb2, messaging_pb2
 from agentpost_server.core import events, names, operations, wire
+from agentpost_server.core.auth import Principal
 from agentpost_server.core.hub import Hub
 from agentpost_server.core.ports import AgentRecord
 from agentpost_server.core.session import LocalSession
 from agentpost_server.rpc import depth
+from agentpost_server.rpc.auth import CallAuth, caller
 from agentpost_server.rpc.errors import streaming, unary
 
 log = logging.getLogger(__name__)
 
-IDENTITY_METADATA = "agentpost-agent-id"
-ANONYMOUS = "anonymous"
 INTRODUCTION_TIMEOUT = 10.0
 _PRESENCE = {
     agents_pb2.PRESENCE_FILTER_UNSPECIFIED: None,
@@ -41,16 +41,6 @@ _PRESENCE = {
 _KNOWN_REASONS = frozenset(errors_pb2.ErrorReason.values()) - {errors_pb2.ERROR_REASON_UNSPECIFIED}
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def identity(context: Ctx) -> str:
-    """Who a unary caller is: the `agentpost-agent-id` metadata (a credential, once there is
-    authentication), else "anonymous"."""
-    for key, value in context.invocation_metadata() or ():
-        if key == IDENTITY_METADATA:
-            text = value.decode() if isinstance(value, bytes) else value
-            return names.check_agent_id(text, IDENTITY_METADATA)
-    return ANONYMOUS
 
 
 def _reply_error(error: errors_pb2.Error) -> AgentpostError:
@@ -72,15 +62,19 @@ async def _frames(raw_frames: AsyncIterator[bytes]) -> AsyncIterator[messaging_p
 
 
 class AgentMessagingServicer:
-    def __init__(self, hub: Hub) -> None:
+    """Every method is wrapped (`rpc.errors`): authenticated first, then `caller(context)` is
+    the principal; what it may do is checked by the hub's `Guard`."""
+
+    def __init__(self, hub: Hub, call_auth: CallAuth) -> None:
         self._hub = hub
+        self.call_auth = call_auth
 
     @streaming(None)
     async def Connect(
         self, raw_frames: AsyncIterator[bytes], context: Ctx
     ) -> AsyncIterator[messaging_pb2.ConnectResponse]:
         request_iterator = _frames(raw_frames)
-        session, first = await self._introduce(request_iterator)
+        session, first = await self._introduce(request_iterator, caller(context))
         limits = self._hub.limits
         welcome = messaging_pb2.ServerEvent(operation_id=first.operation_id)
         welcome.welcome.session_id = session.id
@@ -105,7 +99,7 @@ class AgentMessagingServicer:
             await asyncio.shield(self._hub.close_session_soon(session))
 
     async def _introduce(
-        self, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest]
+        self, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest], principal: Principal
     ) -> tuple[LocalSession, messaging_pb2.ClientOperation]:
         try:
             async with asyncio.timeout(INTRODUCTION_TIMEOUT):
@@ -122,7 +116,8 @@ class AgentMessagingServicer:
                 "the first frame of Connect must hold exactly one operation, an `introduce`"
             )
         depth.check_metadata(ops[0].introduce.metadata)
-        return await self._hub.open_session(ops[0].introduce), ops[0]
+        principal = principal if principal.enforced else Principal.open(ops[0].introduce.agent_id)
+        return await self._hub.open_session(ops[0].introduce, principal), ops[0]
 
     async def _read(
         self, session: LocalSession, request_iterator: AsyncIterator[messaging_pb2.ConnectRequest]
@@ -149,7 +144,7 @@ class AgentMessagingServicer:
     ) -> messaging_pb2.SendResponse:
         depth.check_payload(request.payload)
         envelope, stored = await self._hub.send(
-            identity(context),
+            caller(context).agent_id,
             request.to,
             request.payload,
             request.headers,
@@ -169,12 +164,14 @@ class AgentMessagingServicer:
                 "publish needs a topic or broadcast", metadata={"field": "target"}
             )
         depth.check_payload(request.payload)
+        principal = caller(context)
         envelope, sent = self._hub.publish(
-            identity(context),
+            principal.agent_id,
             request.topic if target == "topic" else None,
             request.payload,
             request.headers,
             request.include_self,
+            principal=principal,
         )
         await sent
         return messaging_pb2.PublishResponse(message_id=envelope.id, created_at=envelope.created_at)
@@ -195,7 +192,7 @@ class AgentMessagingServicer:
             default = self._hub.limits.default_request_timeout
             timeout = max(0.001, min(asked or default, remaining - 0.05))
         envelope, sent, reply = await self._hub.request(
-            identity(context), request.to, request.payload, request.headers, timeout
+            caller(context).agent_id, request.to, request.payload, request.headers, timeout
         )
         assert reply is not None
         try:
@@ -229,7 +226,7 @@ class AgentMessagingServicer:
     async def Subscribe(
         self, request: messaging_pb2.SubscribeRequest, context: Ctx
     ) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
-        session = self._hub.open_subscriber(identity(context), request.topics, request.broadcasts)
+        session = self._hub.open_subscriber(caller(context), request.topics, request.broadcasts)
         try:
             while (batch := await session.next_batch()) is not None:
                 messages = [
@@ -252,13 +249,15 @@ class AgentMessagingServicer:
         record = AgentRecord(
             request.agent_id, list(request.capabilities), events.struct_to_dict(request.metadata)
         )
-        agent = await self._hub.register_agent(record)
+        agent = await self._hub.register_agent(record, caller(context))
         return messaging_pb2.RegisterAgentResponse(agent=agent)
 
     @unary(messaging_pb2.GetMailboxRequest)
     async def GetMailbox(
         self, request: messaging_pb2.GetMailboxRequest, context: Ctx
     ) -> messaging_pb2.GetMailboxResponse:
+        names.check_agent_id(request.agent_id)
+        self._hub.guard.read(caller(context), request.agent_id, "read_mailbox")
         await self._hub.get_agent(request.agent_id)  # NOT_FOUND for an unknown agent
         depth, unacked, oldest_ms, dead = await self._hub.mailboxes.describe(request.agent_id)
         response = messaging_pb2.GetMailboxResponse(
@@ -272,13 +271,18 @@ class AgentMessagingServicer:
     async def ListDeadLetters(
         self, request: messaging_pb2.ListDeadLettersRequest, context: Ctx
     ) -> messaging_pb2.ListDeadLettersResponse:
-        if request.agent_id:
-            names.check_agent_id(request.agent_id)
+        principal = caller(context)
+        agent_id = request.agent_id
+        if agent_id:
+            names.check_agent_id(agent_id)
+        elif principal.enforced and not principal.is_admin:
+            agent_id = principal.agent_id  # all agents' dead letters: admins only
+        self._hub.guard.read(principal, agent_id or "*", "read_dead_letters")
         if request.limit < 0:
             raise InvalidArgumentError("limit must not be negative", metadata={"field": "limit"})
         limit = min(request.limit or 100, 1000)
         response = messaging_pb2.ListDeadLettersResponse()
-        for raw, reason, dead_ms in await self._hub.mailboxes.dead_letters(request.agent_id, limit):
+        for raw, reason, dead_ms in await self._hub.mailboxes.dead_letters(agent_id, limit):
             letter = response.dead_letters.add(reason=reason)
             letter.envelope.ParseFromString(raw)
             letter.dead_at.FromMilliseconds(dead_ms)
