@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Any
 
 import grpc
@@ -20,13 +21,19 @@ from redis.asyncio import Redis
 
 from agentpost.errors import AgentpostError
 from agentpost.v1 import messaging_pb2
+from agentpost_server.auth.setup import ConfigurationError, authenticator
+from agentpost_server.core.auth import Guard
 from agentpost_server.core.hub import Hub
 from agentpost_server.core.ids import new_server_id
 from agentpost_server.core.limits import Limits
+from agentpost_server.core.ratelimit import RateLimiter
 from agentpost_server.logs import configure_logging
+from agentpost_server.rpc.auth import CallAuth
 from agentpost_server.rpc.handlers import add_to_server
 from agentpost_server.rpc.servicer import AgentMessagingServicer
+from agentpost_server.rpc.tls import add_port, check_transport
 from agentpost_server.settings import Settings
+from agentpost_server.store.audit import RedisAudit
 from agentpost_server.store.bus import RedisBus
 from agentpost_server.store.embedded import EmbeddedRedis
 from agentpost_server.store.keys import Keys
@@ -58,15 +65,20 @@ class App:
         self._health = HealthServicer()
         self._tasks: list[asyncio.Task[Any]] = []
         self.hub: Hub | None = None
+        self.guard: Guard | None = None
 
     async def start(self) -> None:
+        """Raises `ConfigurationError` (before touching anything) when the settings cannot work."""
         s = self.settings
+        checker = authenticator(s)  # the credential files are read (and checked) first
+        check_transport(s)
         if not self.redis_url:
             self._embedded = EmbeddedRedis(s.data_dir)
             self.redis_url = await self._embedded.start()
         self._redis = Redis.from_url(self.redis_url, health_check_interval=10)
         await self._wait_for_redis()
         keys = Keys(s.key_prefix)
+        self.guard = guard = Guard(RedisAudit(self._redis, keys, retention=s.audit_retention))
         self._writer = writer = PipelineWriter(self._redis)
         writer.start()
         self._bus = RedisBus(
@@ -86,20 +98,36 @@ class App:
             ),
             logs=RedisLogs(self._redis, keys, writer),
             limits=_limits(s),
+            guard=guard,
+            rate=RateLimiter(s.rate_limit, s.rate_burst),
         )
         await self._bus.start(hub)
         await hub.heartbeat()
 
         self._server = server = grpc.aio.server(options=_grpc_options(s))
-        add_to_server(AgentMessagingServicer(hub), server)
+        mtls = s.tls_client_ca is not None
+        call_auth = CallAuth(checker, guard, mtls=mtls)
+        add_to_server(AgentMessagingServicer(hub, call_auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(s.listen)
+        self.port = add_port(server, s)
         await server.start()
         host = s.listen.rpartition(":")[0]
-        log.info("agentpost %s serving on %s:%d", self.server_id, host, self.port)
+        log.info(
+            "agentpost %s serving on %s:%d (%s)",
+            self.server_id,
+            host,
+            self.port,
+            "mutual TLS" if mtls else "TLS" if s.tls else "plaintext",
+        )
+        if not call_auth.enforced:
+            log.warning(
+                "authentication is OFF: callers are who they say they are; set"
+                " AGENTPOST_TOKENS_FILE or AGENTPOST_JWT_SECRET (or a client CA) to require"
+                " credentials"
+            )
         await self._set_health(True)
         self._tasks = [
             asyncio.create_task(self._upkeep(), name="upkeep"),
@@ -194,6 +222,11 @@ def _limits(s: Settings) -> Limits:
         max_subscriptions=s.max_subscriptions,
         default_window=s.max_unacked,
         ack_timeout=s.ack_timeout,
+        max_headers=s.max_headers,
+        max_header_bytes=s.max_header_bytes,
+        max_payload_depth=s.max_payload_depth,
+        max_sessions_per_agent=s.max_sessions_per_agent,
+        max_inflight_requests=s.max_inflight_requests,
     )
 
 
@@ -236,13 +269,20 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def serve_main(
-    *, listen: str | None = None, redis_url: str | None = None, worker: bool | None = None
+    *,
+    listen: str | None = None,
+    redis_url: str | None = None,
+    worker: bool | None = None,
+    plaintext: bool | None = None,
 ) -> int:
     """`agentpost serve`: the gRPC server and (unless disabled) the arq worker, until SIGTERM."""
-    settings = _settings(listen=listen, redis_url=redis_url, worker=worker)
+    settings = _settings(listen=listen, redis_url=redis_url, worker=worker, plaintext=plaintext)
     configure_logging(settings.log_level, settings.log_format)
     try:
         return asyncio.run(_serve(settings))
+    except ConfigurationError as exc:
+        print(f"agentpost serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,8 +38,51 @@ class Settings(BaseSettings):
     broadcast_retention: int = Field(100_000, gt=0, description="broadcasts kept for catch-up")
     sweep_interval: float = Field(30.0, gt=0, description="seconds between mailbox expiry sweeps")
     audit_retention: int = Field(1_000_000, gt=0, description="audit records kept (about)")
+    max_headers: int = Field(64, gt=0, description="headers per message")
+    max_header_bytes: int = Field(16 << 10, gt=0, description="total size of a message's headers")
+    max_payload_depth: int = Field(32, gt=0, le=100, description="nesting of a JSON payload")
+    max_sessions_per_agent: int = Field(100, gt=0, description="sessions of one agent at once")
+    max_inflight_requests: int = Field(1_000, gt=0, description="pending requests per session")
+    rate_limit: float = Field(
+        20_000.0, ge=0, description="messages a second per agent and server process (0: off)"
+    )
+    rate_burst: int = Field(40_000, gt=0, description="messages an agent may send at once")
+    max_workflow_steps: int = Field(500, gt=0, description="steps of one workflow definition")
+    # ---- transport security and authentication
+    plaintext: bool = Field(False, description="serve without TLS (local development only)")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain of the server")
+    tls_key: Path | None = Field(None, description="PEM private key of the server")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    tokens_file: Path | None = Field(None, description="JSON or TOML file of token hashes")
+    jwt_secret: SecretStr | None = Field(None, description="HMAC secret of signed JWTs (HS256)")
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key of signed JWTs (RS256, ES256, EdDSA)"
+    )
+    jwt_issuer: str | None = Field(None, description="required `iss` claim of JWTs")
+    jwt_audience: str | None = Field(None, description="required `aud` claim of JWTs")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("AGENTPOST_JWT_SECRET must be at least 32 characters")
+        return value or None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None or self.tls_key is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return (
+            self.tokens_file is not None
+            or self.jwt_secret is not None
+            or (self.jwt_public_key_file is not None)
+        )
 
     @field_validator("redis_url")
     @classmethod

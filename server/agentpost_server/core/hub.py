@@ -23,6 +23,7 @@ from agentpost.errors import (
     AgentNotFoundError,
     AgentpostError,
     InvalidArgumentError,
+    LimitExceededError,
     NoResponderError,
     PayloadTooLargeError,
     ProtocolViolationError,
@@ -31,7 +32,8 @@ from agentpost.errors import (
 )
 from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2, payload_pb2
 from agentpost_server.bus.v1 import bus_pb2
-from agentpost_server.core import events, fanout, names
+from agentpost_server.core import events, fanout, names, nesting
+from agentpost_server.core.auth import Guard, Principal
 from agentpost_server.core.ids import UlidFactory, new_instance_id
 from agentpost_server.core.limits import Limits
 from agentpost_server.core.ports import (
@@ -44,6 +46,7 @@ from agentpost_server.core.ports import (
     PresenceStore,
 )
 from agentpost_server.core.pump import MailboxPump
+from agentpost_server.core.ratelimit import RateLimiter
 from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
@@ -65,9 +68,13 @@ class Hub:
         mailboxes: Mailboxes,
         logs: Logs,
         limits: Limits,
+        guard: Guard | None = None,
+        rate: RateLimiter | None = None,
     ) -> None:
         self.server_id = server_id
         self.limits = limits
+        self.guard = guard or Guard(None)
+        self.rate = rate or RateLimiter(0, 1)
         self._bus = bus
         self._presence = presence
         self.mailboxes = mailboxes
@@ -81,7 +88,11 @@ class Hub:
 
     # ---- sessions -------------------------------------------------------------------------
 
-    async def open_session(self, intro: messaging_pb2.Introduce) -> LocalSession:
+    async def open_session(
+        self, intro: messaging_pb2.Introduce, principal: Principal | None = None
+    ) -> LocalSession:
+        """Open an agent session; `principal` (default: the introduction's word) must be allowed
+        to be that agent, to advertise its capabilities and to subscribe to its patterns."""
         self._check_accepting()
         agent_id = names.check_agent_id(intro.agent_id)
         capabilities = names.check_capabilities(intro.capabilities)
@@ -93,6 +104,10 @@ class Hub:
                 metadata={"field": "metadata"},
             )
         metadata = events.struct_to_dict(intro.metadata)
+        principal = principal or Principal.open(agent_id)
+        self.guard.act_as(principal, agent_id, "connect_as")
+        self.guard.advertise(principal, agent_id, capabilities)
+        self.guard.subscribe(principal, patterns)
         instance_id = (
             names.check_agent_id(intro.instance_id, "instance_id")
             if intro.instance_id
@@ -103,12 +118,19 @@ class Hub:
                 "max_unacked must not be negative", metadata={"field": "max_unacked"}
             )
         window = min(intro.max_unacked or self.limits.default_window, self.limits.max_window)
+        most = self.limits.max_sessions_per_agent
+        if len(await self._presence.sessions_of(agent_id)) >= most:
+            raise LimitExceededError(
+                f"agent {agent_id!r} already has {most} sessions, the most it may hold",
+                metadata={"limit": "max_sessions_per_agent", "max": str(most)},
+            )
         session = self.registry.new_session(
             agent_id,
             registered=True,
             capabilities=capabilities,
             metadata=metadata,
             instance_id=instance_id,
+            principal=principal,
         )
         self.subscribe(session, patterns)
         record = AgentRecord(agent_id, capabilities, metadata)
@@ -130,7 +152,9 @@ class Hub:
         try:
             session.durable = await self._logs.durable_subscriptions(agent_id)
             for durable_patterns in session.durable.values():
-                self.registry.subscribe(session, durable_patterns)
+                # Saved under earlier permissions: only what the credential allows now.
+                allowed = [p for p in durable_patterns if principal.may_subscribe(p)]
+                self.registry.subscribe(session, allowed)
             await session.pump.prepare()
             await self._bus.announce(PresenceChange(agent_id, session.id, self.server_id, True))
             if came_online:
@@ -150,15 +174,19 @@ class Hub:
             session.pump.start()
 
     def open_subscriber(
-        self, identity: str, patterns: Iterable[str], broadcasts: bool
+        self, principal: Principal, patterns: Iterable[str], broadcasts: bool
     ) -> LocalSession:
         self._check_accepting()
         checked = [names.check_pattern(p, "topics") for p in patterns]
+        self.guard.subscribe(principal, checked)
+        identity = principal.agent_id
         if not checked and not broadcasts:
             raise InvalidArgumentError(
                 "subscribe to at least one topic or to broadcasts", metadata={"field": "topics"}
             )
-        session = self.registry.new_session(identity, registered=False, broadcasts=broadcasts)
+        session = self.registry.new_session(
+            identity, registered=False, broadcasts=broadcasts, principal=principal
+        )
         self.subscribe(session, checked)
         return session
 
@@ -206,6 +234,8 @@ class Hub:
             self._system_event(events.agent_offline(session.agent_id))
 
     def subscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
+        if session.principal is not None:
+            self.guard.subscribe(session.principal, patterns)
         self.registry.subscribe(session, patterns)
 
     def unsubscribe(self, session: LocalSession, patterns: Iterable[str]) -> None:
@@ -222,6 +252,8 @@ class Hub:
             )
         if session.pump is None:
             raise InvalidArgumentError("only agent sessions hold durable subscriptions")
+        if session.principal is not None:
+            self.guard.subscribe(session.principal, patterns)
         await self._logs.save_durable(session.agent_id, name, patterns)
         previous = session.durable.get(name, [])
         session.durable[name] = patterns
@@ -284,6 +316,7 @@ class Hub:
         """Store a direct message in the recipient's mailbox and wake its sessions. The future
         resolves with the message id (the first one, for a repeated idempotency key)."""
         to = names.check_agent_id(to, "to")
+        self.rate.take(sender)
         if len(idempotency_key) > 128:
             raise InvalidArgumentError(
                 "idempotency_key is longer than 128 characters",
@@ -331,9 +364,15 @@ class Hub:
                     f"{delivery_id[:64]!r} is not a delivery id", metadata={"field": "delivery_ids"}
                 )
 
-    async def register_agent(self, agent: AgentRecord) -> agents_pb2.AgentInfo:
+    async def register_agent(
+        self, agent: AgentRecord, principal: Principal | None = None
+    ) -> agents_pb2.AgentInfo:
+        """Make an agent known; an enforced `principal` registers only itself (an admin: any)."""
         names.check_agent_id(agent.agent_id)
         names.check_capabilities(agent.capabilities)
+        if principal is not None and not principal.is_admin:
+            self.guard.act_as(principal, agent.agent_id, "register")
+            self.guard.advertise(principal, agent.agent_id, agent.capabilities)
         await self._presence.register(agent)
         return await self.get_agent(agent.agent_id)
 
@@ -344,8 +383,13 @@ class Hub:
         payload: Payload,
         headers: Mapping[str, str],
         include_self: bool = False,
+        principal: Principal | None = None,
     ) -> tuple[Envelope, asyncio.Future[None]]:
-        """Publish on `topic`, or broadcast when it is None."""
+        """Publish on `topic`, or broadcast when it is None (`principal`, if given, must be
+        allowed to)."""
+        if principal is not None:
+            self.guard.publish(principal, topic)
+        self.rate.take(sender)
         if topic is None:
             envelope = self._envelope(sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers)
             lane = Lane.BROADCAST
@@ -372,6 +416,14 @@ class Hub:
         """Route a request. Returns the envelope, the bus future and, for a call without a
         session, the reply future; a session gets the reply (or the timeout) as an event."""
         to = names.check_agent_id(to, "to")
+        if session is not None and len(session.outgoing_requests) >= (
+            most := self.limits.max_inflight_requests
+        ):
+            raise LimitExceededError(
+                f"this session already waits for {most} replies, the most it may",
+                metadata={"limit": "max_inflight_requests", "max": str(most)},
+            )
+        self.rate.take(sender)
         seconds = self._timeout(reply_within)
         envelope = self._envelope(sender, Kind.MESSAGE_KIND_REQUEST, payload, headers, agent=to)
         session_id, server_id = await self.registry.pick(to, sender, NoResponderError)
@@ -587,8 +639,11 @@ class Hub:
         stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
         size = envelope.payload.ByteSize()
         if headers:
+            header_bytes = self._check_headers(headers)
             envelope.headers.update(headers)
-            size += sum(len(k) + len(v) for k, v in headers.items())
+            size += header_bytes
+        if envelope.payload.HasField("json"):
+            nesting.check(envelope.payload.json, self.limits.max_payload_depth)
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLargeError(
                 f"the message is {size} bytes (payload and headers); the limit is"
@@ -596,6 +651,21 @@ class Hub:
                 metadata={"limit_bytes": str(self.limits.max_payload_bytes)},
             )
         return envelope
+
+    def _check_headers(self, headers: Mapping[str, str]) -> int:
+        limits = self.limits
+        if len(headers) > limits.max_headers:
+            raise LimitExceededError(
+                f"the message has {len(headers)} headers; the limit is {limits.max_headers}",
+                metadata={"limit": "max_headers", "max": str(limits.max_headers)},
+            )
+        size = sum(len(k) + len(v) for k, v in headers.items())
+        if size > limits.max_header_bytes:
+            raise LimitExceededError(
+                f"the headers are {size} bytes; the limit is {limits.max_header_bytes}",
+                metadata={"limit": "max_header_bytes", "max": str(limits.max_header_bytes)},
+            )
+        return size
 
     def _timeout(self, timeout: duration_pb2.Duration | float | None) -> float:
         if isinstance(timeout, duration_pb2.Duration):

@@ -18,3 +18,8 @@ class Limits:
     max_window: int = 10_000
     ack_timeout: float = 60.0
     max_ttl: float = 30 * 86400.0
+    max_headers: int = 64
+    max_header_bytes: int = 16 << 10
+    max_payload_depth: int = 32
+    max_sessions_per_agent: int = 100
+    max_inflight_requests: int = 1_000

@@ -7,7 +7,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 
-from agentpost.errors import AgentOfflineError, InvalidArgumentError
+from agentpost.errors import AgentOfflineError, LimitExceededError
 from agentpost_server.core.ids import new_session_id
 from agentpost_server.core.limits import Limits
 from agentpost_server.core.ports import PresenceChange, PresenceStore
@@ -59,9 +59,10 @@ class SessionRegistry:
             if pattern in session.subscriptions:
                 continue
             if len(session.subscriptions) >= self._limits.max_subscriptions:
-                raise InvalidArgumentError(
-                    f"a session may hold at most {self._limits.max_subscriptions} subscriptions",
-                    metadata={"field": "patterns", "limit": str(self._limits.max_subscriptions)},
+                most = self._limits.max_subscriptions
+                raise LimitExceededError(
+                    f"a session may hold at most {most} subscriptions",
+                    metadata={"field": "patterns", "limit": "max_subscriptions", "max": str(most)},
                 )
             session.subscriptions.add(pattern)
             self.topics.add(session, pattern)
