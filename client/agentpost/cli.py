@@ -8,6 +8,11 @@
     agentpost agents register coder --capability code # known before it first connects
     agentpost mailbox coder                           # messages waiting for coder
     agentpost deadletters --agent coder               # messages that expired undelivered
+    agentpost token create coder --capability code --tokens-file tokens.json
+
+Credentials: --token (or $AGENTPOST_TOKEN), --tls-ca, --tls-cert and --tls-key (or
+$AGENTPOST_TLS_CA, $AGENTPOST_TLS_CLIENT_CERT, $AGENTPOST_TLS_CLIENT_KEY); --tls for TLS with the
+system's roots.
 
 Errors are one line on stderr and exit status 1 (2 for usage errors, 130 on Ctrl-C).
 """
@@ -22,6 +27,7 @@ import datetime
 import json
 import logging
 import os
+import pathlib
 import secrets
 import sys
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
@@ -30,7 +36,7 @@ from typing import Any, TypeVar
 from agentpost.agent import connect
 from agentpost.client import Client, Presence
 from agentpost.config import ConnectOptions
-from agentpost.errors import AgentpostError, UnavailableError
+from agentpost.errors import AgentpostError, InvalidArgumentError, UnavailableError
 from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message
 
@@ -77,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", metavar="ADDR", help="address to listen on (host:port)")
     serve.add_argument("--redis-url", metavar="URL", help="Redis URL (default: embedded)")
     serve.add_argument("--no-worker", action="store_true", help="do not run the arq worker")
+    serve.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="serve without TLS (development; AGENTPOST_TLS_CERT/_KEY are the alternative)",
+    )
 
     worker = command("worker", _worker, "Run only the background worker (needs a Redis URL).")
     worker.add_argument("--redis-url", metavar="URL", help="Redis URL")
@@ -146,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     mailbox = command("mailbox", _mailbox, "Show how many messages wait for an agent.")
     mailbox.add_argument("id", metavar="ID", help="the agent id")
 
+    token_help = "Make credentials (run where the server's secrets are)."
+    token = command("token", _no_subcommand, token_help)
+    token_commands = token.add_subparsers(title="commands", metavar="COMMAND")
+    create_help = (
+        "Make a bearer token for an agent and print it; its hashed entry is appended to"
+        " --tokens-file (or printed). With --jwt, a JWT signed with $AGENTPOST_JWT_SECRET."
+    )
+    create = token_commands.add_parser("create", help=create_help, description=create_help)
+    _add_globals(create, suppress=True)
+    create.set_defaults(command=_token_create)
+    create.add_argument("id", metavar="AGENT_ID", help="the agent the token names")
+    for flag, dest, what in (
+        ("--role", "roles", "role: admin (everything), broadcast"),
+        ("--capability", "capabilities", "capability it may advertise (* for any)"),
+        ("--publish", "publish", "topic pattern it may publish on"),
+        ("--subscribe", "subscribe", "topic pattern it may subscribe to"),
+    ):
+        create.add_argument(
+            flag, dest=dest, action="append", default=[], metavar="X", help=f"{what} (repeat)"
+        )
+    create.add_argument("--ttl", type=_positive, metavar="S", help="expires after S seconds")
+    create.add_argument("--tokens-file", metavar="PATH", help="append the entry to this JSON file")
+    create.add_argument(
+        "--jwt", action="store_true", help="make a JWT (HS256, $AGENTPOST_JWT_SECRET; --ttl 3600)"
+    )
+
     dead = command("deadletters", _deadletters, "List messages that expired undelivered.")
     dead.add_argument("--agent", metavar="ID", help="only those for this agent")
     dead.add_argument(
@@ -173,7 +210,27 @@ def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         dest="agent_id",
         metavar="AGENT_ID",
         default=default(None),
-        help="act as this agent (default: anonymous)",
+        help="act as this agent (default: the token's, else anonymous)",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default(os.environ.get("AGENTPOST_TOKEN")),
+        help="bearer token (default: $AGENTPOST_TOKEN)",
+    )
+    for flag, env, what in (
+        ("--tls-ca", "AGENTPOST_TLS_CA", "PEM CA bundle that verifies the server"),
+        ("--tls-cert", "AGENTPOST_TLS_CLIENT_CERT", "PEM client certificate (mutual TLS)"),
+        ("--tls-key", "AGENTPOST_TLS_CLIENT_KEY", "PEM key of the client certificate"),
+    ):
+        parser.add_argument(
+            flag, metavar="FILE", default=default(os.environ.get(env)), help=f"{what} (${env})"
+        )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(os.environ.get("AGENTPOST_TLS", "").lower() in ("1", "true", "yes")),
+        help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert; $AGENTPOST_TLS)",
     )
 
 
@@ -236,7 +293,10 @@ def _serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         return _fail(_NOT_INSTALLED)
     return serve_main(
-        listen=args.listen, redis_url=args.redis_url, worker=False if args.no_worker else None
+        listen=args.listen,
+        redis_url=args.redis_url,
+        worker=False if args.no_worker else None,
+        plaintext=True if args.plaintext else None,
     )
 
 
@@ -248,9 +308,64 @@ def _worker(args: argparse.Namespace) -> int:
     return worker_main(redis_url=args.redis_url)
 
 
+def _no_subcommand(args: argparse.Namespace) -> int:
+    return _fail("token needs a command: token create AGENT_ID ...", status=2)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    try:
+        from agentpost_server.auth import tokens
+        from agentpost_server.core.auth import Principal
+    except ModuleNotFoundError:
+        return _fail(_NOT_INSTALLED)
+    try:
+        principal = Principal(
+            agent_id=args.id,
+            roles=frozenset(args.roles),
+            capabilities=frozenset(args.capabilities),
+            publish=tuple(args.publish),
+            subscribe=tuple(args.subscribe),
+        )
+        tokens.principal_from_claims(args.id, tokens.entry_json("", principal), "the token")
+    except (ValueError, AgentpostError) as exc:
+        return _fail(getattr(exc, "message", str(exc)), status=2)
+    if args.jwt:
+        secret = os.environ.get("AGENTPOST_JWT_SECRET", "")
+        if len(secret) < 32:
+            return _fail("--jwt signs with $AGENTPOST_JWT_SECRET (at least 32 characters)")
+        from agentpost_server.auth import jwts
+
+        token = jwts.create(
+            secret,
+            principal,
+            args.ttl or 3600.0,
+            issuer=os.environ.get("AGENTPOST_JWT_ISSUER"),
+            audience=os.environ.get("AGENTPOST_JWT_AUDIENCE"),
+        )
+        print(json.dumps({"token": token}) if args.json else token)
+        return 0
+    token = tokens.new_token()
+    expires = datetime.datetime.now().timestamp() + args.ttl if args.ttl else None
+    entry = tokens.entry_json(token, principal, expires)
+    if args.tokens_file:
+        try:
+            tokens.append_entry(pathlib.Path(args.tokens_file), entry)
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot update {args.tokens_file}: {exc}")
+    if args.json:
+        print(json.dumps({"token": token, "entry": entry}))
+        return 0
+    print(token)
+    if args.tokens_file:
+        print(f"appended to {args.tokens_file} (restart the server to load it)", file=sys.stderr)
+    else:
+        print(f"tokens-file entry: {json.dumps(entry)}", file=sys.stderr)
+    return 0
+
+
 def _send(args: argparse.Namespace) -> int:
     payload = parse_payload(args.payload, raw=args.raw)
-    options = ConnectOptions(request_timeout=args.timeout)
+    options = _options(args, request_timeout=args.timeout)
 
     # A key of our own, not the SDK's short-lived retry key: the error below offers it for a
     # later retry (one stored key per CLI send is cheap).
@@ -332,11 +447,13 @@ async def _listen_async(args: argparse.Namespace) -> int:
 
 async def _receive(args: argparse.Namespace) -> AsyncGenerator[Message, None]:
     if args.agent_id is not None:
-        async with connect(args.server, agent_id=args.agent_id, subscriptions=args.topic) as agent:
+        async with connect(
+            args.server, agent_id=args.agent_id, subscriptions=args.topic, options=_options(args)
+        ) as agent:
             async for message in agent.messages():
                 yield message
         return
-    async with Client(args.server) as client:
+    async with Client(args.server, options=_options(args)) as client:
         stream = client.subscribe(args.topic, broadcasts=args.broadcasts)
         async with contextlib.aclosing(stream):
             async for message in stream:
@@ -509,10 +626,26 @@ def _with_client(
     options: ConnectOptions | None = None,
 ) -> T:
     async def go() -> T:
-        async with Client(args.server, agent_id=args.agent_id, options=options) as client:
+        opts = options or _options(args)
+        async with Client(args.server, agent_id=args.agent_id, options=opts) as client:
             return await run(client)
 
     return asyncio.run(go())
+
+
+def _options(args: argparse.Namespace, **overrides: Any) -> ConnectOptions:
+    """ConnectOptions with the credentials of the command line (or environment)."""
+    try:
+        return ConnectOptions(
+            token=args.token or None,
+            tls=args.tls,
+            tls_ca=args.tls_ca or None,
+            tls_cert=args.tls_cert or None,
+            tls_key=args.tls_key or None,
+            **overrides,
+        )
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 def _print_id(args: argparse.Namespace, message_id: str) -> int:

@@ -59,7 +59,7 @@ class Client:
         self.options = options or ConnectOptions()
         self._metadata: tuple[tuple[str, str], ...] = (
             ((AGENT_ID_METADATA, agent_id),) if agent_id else ()
-        )
+        ) + self.options.call_metadata()
         self._channel: grpc.aio.Channel | None = None
         self._stub: messaging_pb2_grpc.AgentMessagingAsyncStub | None = None
         self._retry_key = RetryKeys()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -23,8 +24,13 @@ class ConnectOptions:
     """How an `Agent` or a `Client` talks to the server.
 
     Durations are in seconds. `channel_options` are passed to gRPC as they are and win over the
-    defaults the SDK sets (reconnect backoff and a 64 MiB receive limit); `credentials` switches
-    to a TLS channel.
+    defaults the SDK sets (reconnect backoff and a 64 MiB receive limit).
+
+    Security: `token` is sent as `authorization: Bearer <token>` on every call and stream.
+    `tls=True` (or any of `tls_ca`, `tls_cert`, `tls_key`) opens a TLS channel: `tls_ca` is the
+    PEM bundle that verifies the server (default: the system's roots), `tls_cert` and `tls_key`
+    the client certificate for mutual TLS. `credentials`, a ready `grpc.ChannelCredentials`,
+    replaces all of the `tls_*` fields.
     """
 
     #: How long `connect()` (and an operation issued while reconnecting) waits for a session.
@@ -41,8 +47,17 @@ class ConnectOptions:
     max_concurrent_handlers: int = 64
     #: Extra gRPC channel arguments, e.g. `(("grpc.primary_user_agent", "me/1.0"),)`.
     channel_options: Sequence[tuple[str, Any]] = ()
-    #: TLS credentials; `None` for a plaintext channel.
+    #: TLS credentials built by the caller; `None`: from the `tls_*` fields (or plaintext).
     credentials: grpc.ChannelCredentials | None = None
+    #: A bearer token (a tokens-file token or a JWT); `None`: none is sent.
+    token: str | None = None
+    #: Use TLS even without any of the files below (the server is checked with system roots).
+    tls: bool = False
+    #: PEM file of the CA(s) that verify the server's certificate.
+    tls_ca: str | os.PathLike[str] | None = None
+    #: PEM files of the client certificate and its key, for mutual TLS.
+    tls_cert: str | os.PathLike[str] | None = None
+    tls_key: str | os.PathLike[str] | None = None
     #: When `messages()` acknowledges a delivery: "after_handling" (when the loop asks for the
     #: next message, or the loop is left), "on_receipt" (as soon as it is queued for the
     #: application) or "manual" (`await message.ack()`).
@@ -87,6 +102,34 @@ class ConnectOptions:
             raise ValueError("ConnectOptions.instance_id must not be empty (None: a random one)")
         if self.dedupe_memory < 1:
             raise ValueError("ConnectOptions.dedupe_memory must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("ConnectOptions.tls_cert and tls_key go together")
+        if self.credentials is not None and (self.tls_ca or self.tls_cert):
+            raise ValueError("ConnectOptions.credentials replaces tls_ca, tls_cert and tls_key")
+        if self.token is not None and (not self.token or any(c in self.token for c in "\r\n")):
+            raise ValueError("ConnectOptions.token must be a non-empty single line")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.credentials is not None or self.tls or bool(self.tls_ca or self.tls_cert)
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries: the bearer token, if any."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """The TLS credentials of the channel (reads the `tls_*` files), or None: plaintext."""
+        if self.credentials is not None or not self.uses_tls:
+            return self.credentials
+
+        def read(path: str | os.PathLike[str] | None) -> bytes | None:
+            return None if path is None else pathlib.Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.tls_ca),
+            private_key=read(self.tls_key),
+            certificate_chain=read(self.tls_cert),
+        )
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """The channel arguments: the SDK's defaults, overridden by `channel_options`."""
@@ -104,6 +147,7 @@ class ConnectOptions:
 
     def open_channel(self, target: str) -> grpc.aio.Channel:
         """A new `grpc.aio` channel to `target` (call from inside the event loop)."""
-        if self.credentials is not None:
-            return grpc.aio.secure_channel(target, self.credentials, options=self.grpc_options())
+        credentials = self.channel_credentials()
+        if credentials is not None:
+            return grpc.aio.secure_channel(target, credentials, options=self.grpc_options())
         return grpc.aio.insecure_channel(target, options=self.grpc_options())

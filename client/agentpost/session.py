@@ -288,7 +288,9 @@ class Session:
                 logger.debug("reconnect timed out")
 
     async def _open_link(self) -> Link:
-        call: ConnectCall = self._connect(None, wait_for_ready=True)
+        call: ConnectCall = self._connect(
+            None, wait_for_ready=True, metadata=self.options.call_metadata() or None
+        )
         introduce = messaging_pb2.ClientOperation(operation_id=self._next_id())
         introduce.introduce.CopyFrom(self._introduce)
         del introduce.introduce.subscriptions[:]

@@ -251,9 +251,9 @@ def test_serve_passes_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(app, "serve_main", serve_main)
     assert cli.main(["serve", "--listen", "0.0.0.0:1", "--no-worker"]) == 7
-    assert seen == {"listen": "0.0.0.0:1", "redis_url": None, "worker": False}
-    assert cli.main(["serve", "--redis-url", "redis://x"]) == 7
-    assert seen == {"listen": None, "redis_url": "redis://x", "worker": None}
+    assert seen == {"listen": "0.0.0.0:1", "redis_url": None, "worker": False, "plaintext": None}
+    assert cli.main(["serve", "--redis-url", "redis://x", "--plaintext"]) == 7
+    assert seen == {"listen": None, "redis_url": "redis://x", "worker": None, "plaintext": True}
 
 
 def _message(payload: Any, **recipient: str) -> Message:
