@@ -3,6 +3,10 @@ and well-formed messages built to hurt (huge and odd strings, invalid ids, empty
 nested near the decoders' depth limit, negative and absurd durations, unknown enum numbers, many
 operations per frame, hostile replies from a responder).
 
+It runs twice: with authentication off, and with a tokens file and a JWT secret, where each input
+also carries a credential drawn from valid ones (an admin, a narrow agent), unknown, malformed and
+expired ones, or none.
+
 One in-process server takes it all while a well-behaved pair of SDK agents exchanges requests,
 replies and direct messages. Every call must end with a status within a few seconds (a hang is
 a failure), never INTERNAL (bad input is the caller's fault, not a server bug), every frame the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -38,6 +43,8 @@ from hypothesis import strategies as st
 
 import agentpost
 from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2, payload_pb2
+from agentpost_server.auth import tokens as tokens_file
+from agentpost_server.core.auth import Principal
 from tests.conftest import StartServer
 from tests.helpers import assert_eventually
 
@@ -420,6 +427,74 @@ def _connect_frames(draw: st.DrawFn) -> list[bytes]:
     return frames
 
 
+# ---- credentials (auth mode): fixed, so that hypothesis can draw them
+JWT_SECRET = "fuzz-" * 10
+TOKENS = {
+    # agent id -> (token, roles, capabilities, publish, subscribe)
+    "fuzzer": ("apt_fuzz-admin", ("admin", "broadcast"), ("*",), (">",), (">", "_agentpost.>")),
+    "alice": ("apt_fuzz-alice", (), ("*",), (">",), (">",)),
+    "bob": ("apt_fuzz-bob", (), (), (">",), (">",)),
+    "evil": ("apt_fuzz-evil", (), (), (), ()),
+    "narrow": ("apt_fuzz-narrow", (), ("code",), ("a.>",), ("a.*",)),
+}
+EXPIRED = "apt_fuzz-expired"
+
+
+def _bearer(agent_id: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {TOKENS[agent_id][0]}"),)
+
+
+def _write_tokens(path: Any) -> None:
+    for agent_id, (token, roles, caps, pub, sub) in TOKENS.items():
+        principal = Principal(
+            agent_id=agent_id,
+            roles=frozenset(roles),
+            capabilities=frozenset(caps),
+            publish=pub,
+            subscribe=sub,
+        )
+        tokens_file.append_entry(path, tokens_file.entry_json(token, principal))
+    tokens_file.append_entry(
+        path, tokens_file.entry_json(EXPIRED, Principal(agent_id="old"), expires_at=1.0)
+    )
+
+
+def _jwt(claims: dict[str, Any]) -> str:
+    import jwt
+
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+_FAR = 4_000_000_000
+_authorization = st.one_of(
+    st.sampled_from(
+        [f"Bearer {t[0]}" for t in TOKENS.values()]
+        + [
+            f"Bearer {EXPIRED}",
+            "Bearer apt_unknown",
+            "Bearer",
+            "bearer  apt_fuzz-admin",
+            "Basic YWxpY2U6cHc=",
+            "Bearer a.b.c",
+            "Bearer " + _jwt({"sub": "jwt-agent", "exp": _FAR, "caps": ["*"], "pub": [">"]}),
+            "Bearer " + _jwt({"sub": "jwt-agent", "exp": 1}),
+            "Bearer " + _jwt({"sub": "../bad id", "exp": _FAR}),
+            "Bearer " + _jwt({"sub": "x", "exp": _FAR, "roles": "admin"}),
+            "Bearer " + _jwt({"exp": _FAR}),
+            "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJmdXp6ZXIifQ.",  # alg none
+        ]
+    ),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
+).map(lambda value: (("authorization", value),))
+_credentials = st.one_of(
+    st.just(_bearer("fuzzer")),
+    st.just(_bearer("fuzzer")),
+    st.just(_bearer("narrow")),
+    st.just(()),
+    _authorization,
+)
+
+
 _metadata = st.one_of(
     st.just(()),
     st.tuples(
@@ -465,9 +540,11 @@ def _evil_replies(draw: st.DrawFn) -> messaging_pb2.ReplyMessage:
 
 
 @st.composite
-def _inputs(draw: st.DrawFn) -> Input:
+def _inputs(draw: st.DrawFn, auth: bool = False) -> Input:
     method = draw(st.sampled_from([*UNARY, "Subscribe", "Connect", "RequestEvil"]))
     metadata = draw(_metadata)
+    if auth:
+        metadata = draw(_credentials) + metadata
     if draw(st.integers(0, 9)) == 0:  # raw bytes, whatever the method
         noise = draw(st.binary(max_size=300))
         body: bytes | list[bytes] = [noise] if method == "Connect" else noise
@@ -495,13 +572,15 @@ class Evil:
     """A raw Connect session as EVIL: answers every request with `next_reply`."""
 
     target: str
+    metadata: tuple[tuple[str, str], ...] = ()
     next_reply: messaging_pb2.ReplyMessage = field(default_factory=messaging_pb2.ReplyMessage)
     answered: int = 0
     _outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
 
     async def run(self, welcomed: asyncio.Event) -> None:
         async with grpc.aio.insecure_channel(self.target) as channel:
-            call = channel.stream_stream(SERVICE + "Connect", None, None)(self._frames())
+            connect = channel.stream_stream(SERVICE + "Connect", None, None)
+            call = connect(self._frames(), metadata=self.metadata or None)
             async for raw in call:
                 for event in messaging_pb2.ConnectResponse.FromString(raw).events:
                     if event.HasField("welcome"):
@@ -728,10 +807,12 @@ def _regressions() -> list[Input]:
     ]
 
 
-def _fuzz(run_on_loop: Callable[[Input], str], tally: Tally, deadline: float) -> None:
+def _fuzz(run_on_loop: Callable[[Input], str], tally: Tally, deadline: float, auth: bool) -> None:
     """The fixed cases, then batches of hypothesis runs (in this worker thread) until the
     deadline."""
     for what in _regressions():
+        if auth:
+            what = dataclasses.replace(what, metadata=_bearer("fuzzer") + what.metadata)
         status = run_on_loop(what)
         assert status == what.expect, f"{status} for {what}"
         tally.add(what.method, status)
@@ -748,7 +829,7 @@ def _fuzz(run_on_loop: Callable[[Input], str], tally: Tally, deadline: float) ->
             suppress_health_check=list(HealthCheck),
             print_blob=True,
         )
-        @given(what=_inputs())
+        @given(what=_inputs(auth))
         def one(what: Input) -> None:
             tally.add(what.method, run_on_loop(what))
 
@@ -764,18 +845,28 @@ def _server_errors(records: list[logging.LogRecord]) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
 async def test_hostile_input_gets_statuses_and_spares_well_behaved_agents(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture
+    start_server: StartServer, caplog: pytest.LogCaptureFixture, tmp_path: Any, auth: bool
 ) -> None:
     caplog.set_level(logging.WARNING)
-    app = await start_server()
+    # Depth as deep as a delivery frame can carry (the regressions probe that edge).
+    settings: dict[str, Any] = {"max_payload_depth": 100}
+    if auth:
+        _write_tokens(tmp_path / "tokens.json")
+        settings.update(tokens_file=tmp_path / "tokens.json", jwt_secret=JWT_SECRET)
+    app = await start_server(**settings)
     target = f"127.0.0.1:{app.port}"
     loop = asyncio.get_running_loop()
-    async with agentpost.Client(target) as client:
+
+    def options(agent_id: str) -> agentpost.ConnectOptions:
+        return agentpost.ConnectOptions(token=TOKENS[agent_id][0] if auth else None)
+
+    async with agentpost.Client(target, options=options("fuzzer")) as client:
         await client.register_agent("ghost")
     async with (
-        agentpost.connect(target, agent_id="alice") as alice,
-        agentpost.connect(target, agent_id="bob") as bob,
+        agentpost.connect(target, agent_id="alice", options=options("alice")) as alice,
+        agentpost.connect(target, agent_id="bob", options=options("bob")) as bob,
         grpc.aio.insecure_channel(target) as channel,
     ):
 
@@ -783,7 +874,7 @@ async def test_hostile_input_gets_statuses_and_spares_well_behaved_agents(
         async def echo(message: agentpost.Message) -> Any:
             return {"echo": message.payload}
 
-        evil = Evil(target)
+        evil = Evil(target, _bearer("evil") if auth else ())
         welcomed = asyncio.Event()
         evil_task = asyncio.create_task(evil.run(welcomed))
         await asyncio.wait_for(welcomed.wait(), 10)
@@ -812,7 +903,8 @@ async def test_hostile_input_gets_statuses_and_spares_well_behaved_agents(
 
         started = time.monotonic()
         try:
-            await asyncio.to_thread(_fuzz, run_on_loop, tally, started + BUDGET)
+            budget = BUDGET * (0.6 if auth else 1.0)
+            await asyncio.to_thread(_fuzz, run_on_loop, tally, started + budget, auth)
         finally:
             stopped.set()
             traffic.stop.set()
@@ -845,7 +937,8 @@ async def test_hostile_input_gets_statuses_and_spares_well_behaved_agents(
 
     summary = ", ".join(f"{k} {v}" for k, v in sorted(tally.statuses.items()))
     print(
-        f"\nfuzz (AGENTPOST_FUZZ_SEED={FUZZ_SEED}): {tally.inputs} inputs in {elapsed:.1f}s;"
+        f"\nfuzz (auth {'on' if auth else 'off'}, AGENTPOST_FUZZ_SEED={FUZZ_SEED}):"
+        f" {tally.inputs} inputs in {elapsed:.1f}s;"
         f" evil answered {evil.answered};"
         f" the pair made {traffic.asked} requests and {len(traffic.sent_to_alice)}"
         f" + {len(traffic.sent_to_bob)} sends\n{summary}"
