@@ -38,5 +38,7 @@ EXPOSE 50051
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; r = hg.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 
+# Without TLS (AGENTPOST_TLS_CERT/_KEY) or AGENTPOST_PLAINTEXT=true the server refuses to start:
+# docker-compose.yml sets the flag for development.
 # Exec form: agentpost is PID 1 and gets SIGTERM itself, so it drains its sessions on `docker stop`.
 CMD ["agentpost", "serve", "--listen", "0.0.0.0:50051"]

@@ -26,8 +26,9 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 node-deps: $(NODE_STAMP)
 
 ## run: start the service (gRPC server + arq worker; embedded Redis unless AGENTPOST_REDIS_URL is set)
+## on 127.0.0.1 without TLS or tokens: for development only (see README, Security)
 run: $(STAMP)
-	$(BIN)/agentpost serve
+	$(BIN)/agentpost serve --plaintext
 
 ## test: every test, with a throwaway redis-server, grpcurl and a Node.js client
 test: $(STAMP) $(NODE_STAMP)
