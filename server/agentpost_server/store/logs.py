@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from redis.asyncio import Redis
 
+from agentpost.errors import AgentpostError
+from agentpost_server.core import names
 from agentpost_server.core.ports import Entry
 from agentpost_server.store.codec import entries as _entries
 from agentpost_server.store.codec import text as _text
@@ -17,6 +20,8 @@ from agentpost_server.store.codec import wait as _wait
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
 from agentpost_server.store.writer import PipelineWriter
+
+log = logging.getLogger(__name__)
 
 BROADCASTS = ""  # the position name of the broadcast log
 
@@ -79,9 +84,12 @@ class RedisLogs:
             raw = await _wait(self._redis.hgetall(self._keys.durable_patterns(agent_id)))
         found: dict[str, list[str]] = {}
         for name, patterns in raw.items():
-            value = json.loads(patterns)
-            if isinstance(value, list):
-                found[_text(name)] = [str(p) for p in value]
+            try:  # validated on the way out: only well-formed patterns come back
+                value = json.loads(patterns)
+                if isinstance(value, list):
+                    found[_text(name)] = [names.check_pattern(p) for p in value]
+            except (ValueError, TypeError, AgentpostError) as exc:
+                log.warning("durable subscription %r of %s is malformed: %s", name, agent_id, exc)
         return found
 
     async def save_durable(self, agent_id: str, name: str, patterns: list[str]) -> None:

@@ -4,6 +4,7 @@ that "first session -> online" and "last session -> offline" are decided atomica
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,8 @@ from agentpost_server.store.codec import text as _text
 from agentpost_server.store.codec import wait as _wait
 from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
+
+log = logging.getLogger(__name__)
 
 # Makes an agent known: its record, its mailbox's consumer group, and its broadcast position
 # (the newest broadcast now, so a new agent gets no history). Shared by _ADD and _REGISTER.
@@ -236,16 +239,27 @@ class RedisPresence:
 
 
 def _agent_info(agent_id: str, raw: dict[Any, Any], sessions: int) -> agents_pb2.AgentInfo:
-    fields = {_text(key): _text(value) for key, value in raw.items()}
+    fields = {_lenient(key): _lenient(value) for key, value in raw.items()}
     info = agents_pb2.AgentInfo(agent_id=agent_id, online=sessions > 0, sessions=sessions)
-    capabilities = json.loads(fields.get("capabilities") or "[]")
-    if isinstance(capabilities, list):
-        info.capabilities.extend(str(c) for c in capabilities)
-    metadata = json.loads(fields.get("metadata") or "{}")
-    if isinstance(metadata, dict):
-        json_format.ParseDict(metadata, info.metadata)
+    # Validated on the way out: a malformed field is left empty (and logged), never evaluated.
+    try:
+        capabilities = json.loads(fields.get("capabilities") or "[]")
+        if isinstance(capabilities, list):
+            info.capabilities.extend(str(c) for c in capabilities)
+        metadata = json.loads(fields.get("metadata") or "{}")
+        if isinstance(metadata, dict):
+            json_format.ParseDict(metadata, info.metadata)
+    except (ValueError, TypeError, json_format.ParseError) as exc:
+        log.warning("agent %s has a malformed stored record: %s", agent_id, exc)
+        del info.capabilities[:]
+        info.metadata.Clear()
     for name in ("connected_since", "last_seen", "first_seen"):
         value = fields.get(name)
         if value and value.isdigit() and (name != "connected_since" or sessions > 0):
             getattr(info, name).FromMilliseconds(int(value))
     return info
+
+
+def _lenient(value: Any) -> str:
+    """Stored text, with undecodable bytes replaced (they are then refused as JSON)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
