@@ -1,16 +1,20 @@
-"""`python -m bench [--quick] [--only direct,request,broadcast,ceiling] [--profile DIR]`."""
+"""`python -m bench [--quick] [--auth] [--only direct,request,broadcast,ceiling] [--profile DIR]`.
+
+`--auth`: the server requires a JWT (AGENTPOST_JWT_SECRET) and every agent presents its own."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import secrets
 import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from agentpost.config import ConnectOptions
 from agentpost.errors import AgentpostError
 from bench import ceiling, procs, scenarios
 from bench.probe import Probe, summarize
@@ -48,6 +52,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument(
+        "--auth", action="store_true", help="authentication on: every agent presents a JWT"
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -88,9 +95,13 @@ async def run_agentpost(
     directory: Path,
     pin: bool,
     profile: Path | None,
+    auth: bool = False,
 ) -> None:
+    env, credentials = _credentials(auth)
     with procs.redis_server(directory) as redis:
-        async with procs.agentpost_server(redis.target, directory, pin=pin) as server:
+        async with procs.agentpost_server(
+            redis.target, directory, pin=pin, extra_env=env
+        ) as server:
             pids = {"server": server.pid, "client": os.getpid(), "redis": redis.pid}
             probe = Probe(pids, profile)
             target = server.target
@@ -104,6 +115,7 @@ async def run_agentpost(
                         window=sizes["window"],
                         probe=probe,
                         timeout=TIMEOUT,
+                        credentials=credentials,
                     ),
                 )
             if "request" in parts:
@@ -118,6 +130,7 @@ async def run_agentpost(
                             probe=probe,
                             name=f"request-{callers}",
                             timeout=TIMEOUT,
+                            credentials=credentials,
                         ),
                     )
             if "broadcast" in parts:
@@ -130,6 +143,7 @@ async def run_agentpost(
                         rounds=sizes["rounds"],
                         probe=probe,
                         timeout=TIMEOUT,
+                        credentials=credentials,
                     ),
                 )
             server.check_alive()
@@ -166,13 +180,33 @@ async def run(args: argparse.Namespace, sizes: dict[str, int], pin: bool) -> Out
     outcomes = Outcomes()
     with procs.workdir() as directory:
         if args.parts - {"ceiling"}:
-            await run_agentpost(outcomes, args.parts, sizes, directory, pin, args.profile)
+            await run_agentpost(
+                outcomes, args.parts, sizes, directory, pin, args.profile, args.auth
+            )
         if "ceiling" in args.parts:
             await run_ceiling(outcomes, sizes, directory, pin, args.profile)
     for path in outcomes.profiles:
         if path.exists():
             print(summarize(path), end="\n\n")
     return outcomes
+
+
+def _credentials(auth: bool) -> tuple[dict[str, str], scenarios.Credentials]:
+    """Server environment and per-agent options: a JWT secret and one token per agent."""
+    if not auth:
+        return {}, scenarios.no_credentials
+    from agentpost_server.auth import jwts
+    from agentpost_server.core.auth import Principal
+
+    secret = secrets.token_urlsafe(32)
+
+    def credentials(agent_id: str) -> ConnectOptions:
+        principal = Principal(
+            agent_id=agent_id, roles=frozenset({"broadcast"}), publish=(">",), subscribe=(">",)
+        )
+        return ConnectOptions(token=jwts.create(secret, principal, 3600))
+
+    return {"AGENTPOST_JWT_SECRET": secret}, credentials
 
 
 def _progress(what: str) -> None:

@@ -145,7 +145,9 @@ def _redis_answers(port: int) -> bool:
 
 
 @asynccontextmanager
-async def agentpost_server(redis_url: str, directory: Path, *, pin: bool) -> AsyncIterator[Child]:
+async def agentpost_server(
+    redis_url: str, directory: Path, *, pin: bool, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[Child]:
     """`python -m agentpost_server` (no worker) on a free port; waits until SERVING."""
     target = f"127.0.0.1:{free_port()}"
     env = {
@@ -154,6 +156,7 @@ async def agentpost_server(redis_url: str, directory: Path, *, pin: bool) -> Asy
         "AGENTPOST_WORKER": "false",
         "AGENTPOST_PLAINTEXT": "true",
         "AGENTPOST_KEY_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
+        **(extra_env or {}),
     }
     argv = [sys.executable, "-m", "agentpost_server"]
     child = _spawn("agentpost-server", argv, directory, pin=pin, env=env)

@@ -16,6 +16,13 @@ from bench.stats import Run, read_stamp, stamped
 
 _now = time.perf_counter_ns
 
+#: The options (with a token, when the server requires one) an agent connects with.
+Credentials = Callable[[str], "agentpost.ConnectOptions | None"]
+
+
+def no_credentials(agent_id: str) -> agentpost.ConnectOptions | None:
+    return None
+
 
 async def spread(
     total: int, workers: int, work: Callable[[int], Coroutine[Any, Any, None]]
@@ -73,11 +80,23 @@ async def _consume(agent: agentpost.Agent, arrivals: _Arrivals) -> None:
         arrivals.arrived(message.payload)
 
 
-async def direct(target: str, *, count: int, window: int, probe: Probe, timeout: float) -> Run:
+async def direct(
+    target: str,
+    *,
+    credentials: Credentials = no_credentials,
+    count: int,
+    window: int,
+    probe: Probe,
+    timeout: float,
+) -> Run:
     """A sends `count` 256-byte messages to B with `window` sends in flight; B counts them."""
     async with (
-        agentpost.connect(target, agent_id="bench-direct-a") as sender,
-        agentpost.connect(target, agent_id="bench-direct-b") as receiver,
+        agentpost.connect(
+            target, agent_id="bench-direct-a", options=credentials("bench-direct-a")
+        ) as sender,
+        agentpost.connect(
+            target, agent_id="bench-direct-b", options=credentials("bench-direct-b")
+        ) as receiver,
     ):
         arrivals = _Arrivals()
         consumer = asyncio.create_task(_consume(receiver, arrivals))
@@ -115,12 +134,23 @@ async def direct(target: str, *, count: int, window: int, probe: Probe, timeout:
 
 
 async def request(
-    target: str, *, count: int, callers: int, probe: Probe, name: str, timeout: float
+    target: str,
+    *,
+    count: int,
+    callers: int,
+    probe: Probe,
+    name: str,
+    timeout: float,
+    credentials: Credentials = no_credentials,
 ) -> Run:
     """`callers` loops request from B (which answers at once) until `count` replies came back."""
     async with (
-        agentpost.connect(target, agent_id="bench-req-a") as caller,
-        agentpost.connect(target, agent_id="bench-req-b") as responder,
+        agentpost.connect(
+            target, agent_id="bench-req-a", options=credentials("bench-req-a")
+        ) as caller,
+        agentpost.connect(
+            target, agent_id="bench-req-b", options=credentials("bench-req-b")
+        ) as responder,
     ):
 
         @responder.on_request
@@ -147,14 +177,29 @@ async def request(
         return Run(count=len(latencies), seconds=seconds, latencies_ns=latencies, cpu=cpu)
 
 
-async def broadcast(target: str, *, agents: int, rounds: int, probe: Probe, timeout: float) -> Run:
+async def broadcast(
+    target: str,
+    *,
+    credentials: Credentials = no_credentials,
+    agents: int,
+    rounds: int,
+    probe: Probe,
+    timeout: float,
+) -> Run:
     """One broadcast to `agents` connected agents, `rounds` times: call to last arrival."""
     async with AsyncExitStack() as stack:
         sender = await stack.enter_async_context(
-            agentpost.connect(target, agent_id="bench-bcast-sender")
+            agentpost.connect(
+                target, agent_id="bench-bcast-sender", options=credentials("bench-bcast-sender")
+            )
         )
         connected = await asyncio.gather(
-            *(agentpost.connect(target, agent_id=f"bench-bcast-{i}") for i in range(agents)),
+            *(
+                agentpost.connect(
+                    target, agent_id=f"bench-bcast-{i}", options=credentials(f"bench-bcast-{i}")
+                )
+                for i in range(agents)
+            ),
             return_exceptions=True,
         )
         receivers = [agent for agent in connected if isinstance(agent, agentpost.Agent)]

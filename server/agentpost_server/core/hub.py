@@ -35,7 +35,7 @@ from agentpost_server.bus.v1 import bus_pb2
 from agentpost_server.core import events, fanout, names, nesting
 from agentpost_server.core.auth import Guard, Principal
 from agentpost_server.core.ids import UlidFactory, new_instance_id
-from agentpost_server.core.limits import Limits
+from agentpost_server.core.limits import Limits, check_headers
 from agentpost_server.core.ports import (
     AgentRecord,
     Bus,
@@ -639,7 +639,7 @@ class Hub:
         stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
         size = envelope.payload.ByteSize()
         if headers:
-            header_bytes = self._check_headers(headers)
+            header_bytes = check_headers(self.limits, headers)
             envelope.headers.update(headers)
             size += header_bytes
         if envelope.payload.HasField("json"):
@@ -651,21 +651,6 @@ class Hub:
                 metadata={"limit_bytes": str(self.limits.max_payload_bytes)},
             )
         return envelope
-
-    def _check_headers(self, headers: Mapping[str, str]) -> int:
-        limits = self.limits
-        if len(headers) > limits.max_headers:
-            raise LimitExceededError(
-                f"the message has {len(headers)} headers; the limit is {limits.max_headers}",
-                metadata={"limit": "max_headers", "max": str(limits.max_headers)},
-            )
-        size = sum(len(k) + len(v) for k, v in headers.items())
-        if size > limits.max_header_bytes:
-            raise LimitExceededError(
-                f"the headers are {size} bytes; the limit is {limits.max_header_bytes}",
-                metadata={"limit": "max_header_bytes", "max": str(limits.max_header_bytes)},
-            )
-        return size
 
     def _timeout(self, timeout: duration_pb2.Duration | float | None) -> float:
         if isinstance(timeout, duration_pb2.Duration):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from agentpost.errors import LimitExceededError
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -23,3 +26,19 @@ class Limits:
     max_payload_depth: int = 32
     max_sessions_per_agent: int = 100
     max_inflight_requests: int = 1_000
+
+
+def check_headers(limits: Limits, headers: Mapping[str, str]) -> int:
+    """The headers' size in bytes (keys and values); `LimitExceededError` past a limit."""
+    if len(headers) > limits.max_headers:
+        raise LimitExceededError(
+            f"the message has {len(headers)} headers; the limit is {limits.max_headers}",
+            metadata={"limit": "max_headers", "max": str(limits.max_headers)},
+        )
+    size = sum(len(k) + len(v) for k, v in headers.items())
+    if size > limits.max_header_bytes:
+        raise LimitExceededError(
+            f"the headers are {size} bytes; the limit is {limits.max_header_bytes}",
+            metadata={"limit": "max_header_bytes", "max": str(limits.max_header_bytes)},
+        )
+    return size
