@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 
 class Client:
-    """Unary calls to the server at `target`, as `agent_id` ("anonymous" when not given).
+    """Unary calls to the server at `target`, as `agent_id` ("anonymous" when not given; with
+    `options.token`, the token's agent, and an `agent_id` naming another one is refused).
 
     Use it as an async context manager, or call `close()`. Every method raises `AgentpostError`s
     only. The channel is opened on first use, inside the running event loop.

@@ -13,6 +13,7 @@ import grpc
 import jwt as pyjwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redis.asyncio import Redis
 
 import agentpost
@@ -124,6 +125,12 @@ async def test_health_and_reflection_need_no_token(secured: App) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for answer in reflection.ServerReflectionInfo(iter([ask]), timeout=5):
+            listed = {s.name for s in answer.list_services_response.service}
+            assert "agentpost.v1.AgentMessaging" in listed
+            break
 
 
 async def test_a_token_sends_as_its_agent_and_jwt_works_too(
@@ -319,3 +326,29 @@ async def test_token_create_round_trip_through_the_cli(
     monkeypatch.setenv("AGENTPOST_TOKEN", admin_jwt)
     code, out, err = await cli(target, "--json", "mailbox", "bob")
     assert code == 0 and json.loads(out)["agent_id"] == "bob", err
+
+
+async def test_jwt_signed_with_a_private_key(start_server: StartServer, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    app = await start_server(jwt_public_key_file=public, jwt_audience="agentpost")
+    claims = {"sub": "idp-agent", "exp": int(time.time()) + 60, "aud": "agentpost"}
+    good = pyjwt.encode(claims, key, algorithm="ES256")
+    async with agentpost.Client(_target(app), options=_opts(good)) as client:
+        await client.list_agents()
+    for bad in (
+        pyjwt.encode({**claims, "aud": "elsewhere"}, key, algorithm="ES256"),
+        pyjwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"),
+        pyjwt.encode(claims, SECRET, algorithm="HS256"),  # no algorithm confusion
+    ):
+        async with agentpost.Client(_target(app), options=_opts(bad)) as client:
+            with pytest.raises(UnauthenticatedError):
+                await client.list_agents()
