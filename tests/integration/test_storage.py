@@ -36,3 +36,22 @@ async def test_corrupt_records_are_skipped(target: str, redis_url: str, key_pref
         async for message in agent.messages():
             assert message.payload == "still works"
             break
+
+
+async def test_a_malformed_mailbox_entry_is_dead_lettered_not_delivered(
+    target: str, redis_url: str, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix)
+    async with agentpost.connect(target, agent_id="victim") as agent:
+        redis = Redis.from_url(redis_url)
+        try:
+            await redis.xadd(keys.mailbox("victim"), {"e": b"\xff\xff\xff", "x": "0"})
+        finally:
+            await redis.aclose()
+        async with agentpost.Client(target, agent_id="friend") as client:
+            sent = await client.send("victim", "after the garbage")
+            async for message in agent.messages():
+                assert (message.id, message.payload) == (sent, "after the garbage")
+                break
+            letters = await client.list_dead_letters(agent_id="victim")
+    assert [letter.reason for letter in letters] == ["malformed"]

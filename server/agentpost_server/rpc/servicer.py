@@ -284,6 +284,9 @@ class AgentMessagingServicer:
         response = messaging_pb2.ListDeadLettersResponse()
         for raw, reason, dead_ms in await self._hub.mailboxes.dead_letters(agent_id, limit):
             letter = response.dead_letters.add(reason=reason)
-            letter.envelope.ParseFromString(raw)
+            try:
+                letter.envelope.ParseFromString(raw)
+            except DecodeError:  # stored malformed: shown with its reason, without an envelope
+                letter.envelope.Clear()
             letter.dead_at.FromMilliseconds(dead_ms)
         return response
