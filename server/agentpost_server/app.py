@@ -150,6 +150,10 @@ class App:
             await self._server.stop(grace)
         if self.hub is not None:
             await self.hub.wait_closed()
+        if self.guard is not None:  # audit records of the last refusals
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.guard.flush()
         if self._bus is not None:
             await self._bus.close()
         if self._writer is not None:

@@ -76,14 +76,6 @@ class Settings(BaseSettings):
     def tls(self) -> bool:
         return self.tls_cert is not None or self.tls_key is not None
 
-    @property
-    def authenticated(self) -> bool:
-        return (
-            self.tokens_file is not None
-            or self.jwt_secret is not None
-            or (self.jwt_public_key_file is not None)
-        )
-
     @field_validator("redis_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

@@ -3,6 +3,7 @@ plaintext unless asked."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,23 @@ async def test_plaintext_warns(start_server: StartServer, caplog: pytest.LogCapt
     text = caplog.text
     assert "serving PLAINTEXT on 127.0.0.1:0 (loopback only)" in text
     assert "authentication is OFF" in text
+
+
+async def test_cli_over_mutual_tls(start_server: StartServer, ca: Authority) -> None:
+    from tests.integration.test_cli import cli
+
+    pair = ca.issue("localhost", server=True)
+    app = await start_server(
+        tls_cert=pair.cert, tls_key=pair.key, tls_client_ca=ca.pem, plaintext=False
+    )
+    target = f"localhost:{app.port}"
+    shell = ca.issue("shell", server=False)
+    tls = ["--tls-ca", str(ca.pem), "--tls-cert", str(shell.cert), "--tls-key", str(shell.key)]
+    code, out, err = await cli(target, *tls, "agents", "register", "shell")
+    assert code == 0, err
+    code, out, err = await cli(target, *tls, "--json", "send", "shell", '"to myself"')
+    assert code == 0 and json.loads(out)["message_id"], err
+    code, out, err = await cli(target, *tls, "--as", "other", "send", "shell", '"forged"')
+    assert code == 1 and "not allowed" in err, err
+    code, out, err = await cli(target, "--tls-ca", str(ca.pem), "agents")  # no client cert
+    assert code == 1, out
