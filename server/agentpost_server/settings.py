@@ -37,6 +37,18 @@ class Settings(BaseSettings):
     max_unacked: int = Field(1_000, gt=0, description="default per-session delivery window")
     broadcast_retention: int = Field(100_000, gt=0, description="broadcasts kept for catch-up")
     sweep_interval: float = Field(30.0, gt=0, description="seconds between mailbox expiry sweeps")
+    task_accept_timeout: float = Field(
+        30.0, gt=0, description="seconds an assignee has to accept an offer"
+    )
+    task_max_attempts: int = Field(3, ge=1, le=100, description="default attempts per task")
+    task_offline_grace: float = Field(
+        30.0, gt=0, description="seconds a working assignee may be offline before reassignment"
+    )
+    task_retry_backoff: float = Field(1.0, gt=0, description="first retry delay, doubling, s")
+    task_retry_backoff_max: float = Field(60.0, gt=0, description="longest retry delay, s")
+    task_retention: float = Field(
+        7 * 86400.0, gt=0, description="seconds a finished task stays readable"
+    )
     audit_retention: int = Field(1_000_000, gt=0, description="audit records kept (about)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field("text", description="log line format")

@@ -47,6 +47,7 @@ from agentpost_server.core.pump import MailboxPump
 from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
+from agentpost_server.core.tasks.service import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Hub:
         self.accepting = True
         self._heartbeats = 0
         self._closing: set[asyncio.Task[None]] = set()
+        self.tasks: TaskService | None = None  # set by the app; offers waiting tasks on connect
 
     # ---- sessions -------------------------------------------------------------------------
 
@@ -142,6 +144,8 @@ class Hub:
                 await self._presence.remove_session(agent_id, session.id, self.server_id)
             raise
         log.info("session %s opened for agent %s", session.id, agent_id)
+        if self.tasks is not None:
+            self.tasks.on_agent_online(agent_id, capabilities)
         return session
 
     def start_delivery(self, session: LocalSession) -> None:
@@ -246,6 +250,12 @@ class Hub:
 
     def on_bus_reset(self) -> None:
         self.registry.on_bus_reset()
+        if self.tasks is not None:
+            self.tasks.notify_all()
+
+    def on_task_event(self, task_id: str) -> None:
+        if self.tasks is not None:
+            self.tasks.notify(task_id)
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo:
         names.check_agent_id(agent_id)

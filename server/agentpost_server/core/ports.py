@@ -7,10 +7,14 @@ import asyncio
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agentpost.v1 import agents_pb2, envelope_pb2
 from agentpost_server.bus.v1 import bus_pb2
+
+if TYPE_CHECKING:
+    from agentpost.v1 import tasks_pb2
+    from agentpost_server.core.tasks.model import Change, Committed, TaskRecord
 
 
 class Lane(enum.Enum):
@@ -58,6 +62,10 @@ class Inbound(Protocol):
 
     def on_bus_reset(self) -> None:
         """The bus reconnected: anything learned from it may be stale."""
+        ...
+
+    def on_task_event(self, task_id: str) -> None:
+        """A task has new events (in its history)."""
         ...
 
 
@@ -200,3 +208,49 @@ class Audit(Protocol):
     async def list(self, subject: str, limit: int) -> list[AuditRecord]:
         """Newest first; `subject` "" for all."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A background job to run at `run_at_ms` (unix ms) on the task queue, at least once.
+    A job id names one run: scheduling an id that is already queued does nothing."""
+
+    job_id: str
+    function: str
+    args: Sequence[str]
+    run_at_ms: int
+
+
+class TaskStore(Protocol):
+    """Tasks, their histories, waiting queues and load (`store.tasks`)."""
+
+    async def load(self, task_id: str) -> TaskRecord | None: ...
+
+    async def load_many(self, task_ids: Sequence[str]) -> list[TaskRecord]: ...
+
+    async def commit(
+        self,
+        task_id: str,
+        version: int,
+        change: Change,
+        *,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Committed | str | None:
+        """Committed, None on a version conflict, or the earlier task id for a used key."""
+        ...
+
+    async def schedule(self, job: Job) -> None: ...
+
+    async def history(
+        self, task_id: str, after_seq: int, limit: int
+    ) -> list[tasks_pb2.TaskEvent]: ...
+
+    async def waiting(self, queue: str, limit: int) -> list[str]: ...
+
+    async def queues(self) -> list[str]: ...
+
+    async def loads(self, agent_ids: Sequence[str]) -> list[int]: ...
+
+    async def ids(self, which: str, limit: int, offset: int = 0) -> list[str]: ...
+
+    async def trim(self, before_ms: int) -> None: ...

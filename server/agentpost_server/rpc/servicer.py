@@ -22,15 +22,16 @@ from agentpost.errors import (
 from agentpost.v1 import agents_pb2, errors_pb2, messaging_pb2
 from agentpost_server.core import events, names, operations, wire
 from agentpost_server.core.hub import Hub
-from agentpost_server.core.ports import AgentRecord
+from agentpost_server.core.ports import AgentRecord, Audit
 from agentpost_server.core.session import LocalSession
+from agentpost_server.core.tasks.service import TaskService
 from agentpost_server.rpc import depth
+from agentpost_server.rpc.caller import caller
 from agentpost_server.rpc.errors import streaming, unary
+from agentpost_server.rpc.tasks import TaskRpcs
 
 log = logging.getLogger(__name__)
 
-IDENTITY_METADATA = "agentpost-agent-id"
-ANONYMOUS = "anonymous"
 INTRODUCTION_TIMEOUT = 10.0
 _PRESENCE = {
     agents_pb2.PRESENCE_FILTER_UNSPECIFIED: None,
@@ -44,13 +45,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def identity(context: Ctx) -> str:
-    """Who a unary caller is: the `agentpost-agent-id` metadata (a credential, once there is
-    authentication), else "anonymous"."""
-    for key, value in context.invocation_metadata() or ():
-        if key == IDENTITY_METADATA:
-            text = value.decode() if isinstance(value, bytes) else value
-            return names.check_agent_id(text, IDENTITY_METADATA)
-    return ANONYMOUS
+    """Who a unary caller is (see `rpc.caller`)."""
+    return caller(context).agent_id
 
 
 def _reply_error(error: errors_pb2.Error) -> AgentpostError:
@@ -71,9 +67,11 @@ async def _frames(raw_frames: AsyncIterator[bytes]) -> AsyncIterator[messaging_p
             ) from None
 
 
-class AgentMessagingServicer:
-    def __init__(self, hub: Hub) -> None:
+class AgentMessagingServicer(TaskRpcs):
+    def __init__(self, hub: Hub, tasks: TaskService, audit: Audit) -> None:
         self._hub = hub
+        self._tasks = tasks
+        self._audit = audit
 
     @streaming(None)
     async def Connect(
