@@ -418,3 +418,26 @@ async def test_the_worker_killed_between_offer_and_acceptance(
         worker.kill()
         worker.wait(10)
         await boss.close()
+
+
+async def test_the_server_killed_mid_task_the_assignee_finishes_through_another(
+    start_server: StartServer, spawn: Any
+) -> None:
+    doomed = await spawn()  # a real server process, killed below
+    survivor = await start_server(worker=True)
+    there = f"127.0.0.1:{survivor.port}"
+    boss = Calls(there, "boss")
+    async with RawAgent(doomed.target, "builder") as on_doomed:
+        task = await boss.handoff(agentId="builder", title="build it")
+        offered = await next_offer(on_doomed)
+        await Calls(doomed.target, "builder").update(offered, accept={})
+        doomed.kill()
+    async with RawAgent(there, "builder"):
+        builder = Calls(there, "builder")
+        await builder.update(offered, progress={"message": "back, on another server"})
+        await builder.update(offered, complete={"result": {"json": "built"}})
+        await builder.close()
+    final = await boss.get(task.id)
+    assert final.state == S.TASK_STATE_COMPLETED and final.attempt == 1
+    assert final.result.json.string_value == "built"
+    await boss.close()

@@ -103,6 +103,14 @@ class PresenceStore(Protocol):
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo | None: ...
 
+    async def online(self, agent_id: str) -> bool | None:
+        """Whether the agent has a live session; None when it is not known at all."""
+        ...
+
+    async def capable(self, capability: str) -> list[tuple[str, bool]]:
+        """(agent id, online) of every agent advertising the capability."""
+        ...
+
     async def list_agents(
         self, capability: str, online: bool | None
     ) -> list[agents_pb2.AgentInfo]: ...

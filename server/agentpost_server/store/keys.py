@@ -28,6 +28,10 @@ class Keys:
         """HASH: session id -> "<server id> <instance id>", for the agent's live sessions."""
         return f"{self.prefix}:agent:{agent_id}:sessions"
 
+    def capability(self, capability: str) -> str:
+        """SET of the agents advertising a capability (kept by the presence scripts)."""
+        return f"{self.prefix}:cap:{capability}"
+
     def mailbox(self, agent_id: str) -> str:
         """STREAM: the agent's unacknowledged direct messages (consumer group "g")."""
         return f"{self.prefix}:mbox:{agent_id}"

@@ -467,7 +467,7 @@ class TaskService:
         target = spec.WhichOneof("target")
         if target == "agent_id":
             agent_id = names.check_agent_id(spec.agent_id, "spec.agent_id")
-            if await self._presence.get_agent(agent_id) is None:
+            if await self._presence.online(agent_id) is None:
                 raise AgentNotFoundError(
                     f"no agent {agent_id!r} is known: it never connected and was not registered",
                     metadata={"agent_id": agent_id},
