@@ -478,6 +478,7 @@ class WorkflowStepRun(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     FELL_BACK_TO_FIELD_NUMBER: _builtins.int
     SKIPPED_UPSTREAM_FIELD_NUMBER: _builtins.int
+    TASK_SEQ_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step's id."""
     state: Global___WorkflowStepState.ValueType
@@ -495,6 +496,10 @@ class WorkflowStepRun(_message.Message):
     skipped_upstream: _builtins.bool
     """True when it was skipped because an upstream step failed (its dependents are skipped
     too), false when its condition was false (its dependents still run).
+    """
+    task_seq: _builtins.int
+    """The `seq` of the last event of the current attempt's task that was folded in (repeated task
+    events are ignored).
     """
     @_builtins.property
     def failed_assignees(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -529,10 +534,11 @@ class WorkflowStepRun(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         fell_back_to: _builtins.str = ...,
         skipped_upstream: _builtins.bool = ...,
+        task_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "output", b"output", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee", b"assignee", "attempt", b"attempt", "error", b"error", "failed_assignees", b"failed_assignees", "fell_back_to", b"fell_back_to", "finished_at", b"finished_at", "output", b"output", "skipped_upstream", b"skipped_upstream", "started_at", b"started_at", "state", b"state", "step_id", b"step_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee", b"assignee", "attempt", b"attempt", "error", b"error", "failed_assignees", b"failed_assignees", "fell_back_to", b"fell_back_to", "finished_at", b"finished_at", "output", b"output", "skipped_upstream", b"skipped_upstream", "started_at", b"started_at", "state", b"state", "step_id", b"step_id", "task_id", b"task_id", "task_seq", b"task_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
