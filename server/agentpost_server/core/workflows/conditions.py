@@ -94,9 +94,11 @@ def _tokenize(text: str) -> Iterator[_Token]:
     while pos < len(text):
         match = _TOKENS.match(text, pos)
         if match is None or match.end() == pos:
-            if text[pos:].strip() == "":
+            rest = text[pos:].lstrip()
+            if not rest:
                 return
-            raise ConditionError(f"unexpected {text[pos:].lstrip()[:20]!r} at position {pos + 1}")
+            at = len(text) - len(rest) + 1
+            raise ConditionError(f"unexpected {rest[:20]!r} at position {at}")
         kind = match.lastgroup
         assert kind is not None
         yield _Token(kind, match.group(kind), match.start(kind))
