@@ -187,3 +187,13 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("steps: [")
     with pytest.raises(InvalidWorkflowError, match="is not valid YAML"):
         load_definition(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_the_examples_are_valid_workflows(path: Path) -> None:
+    from agentpost_server.core.workflows.definition import validate
+
+    plan = validate(load_definition(path))
+    assert plan.order

@@ -99,8 +99,8 @@ def test_the_default_limit_is_500_and_a_long_chain_is_fine() -> None:
         ),
         (
             definition_from_dict({"steps": [{"id": "a", "capability": "two words"}]}),
-            "capability 'two words' is not valid: use 1-64 characters of A-Z a-z 0-9 . _ : -,"
-            " starting with a letter or digit",
+            "step 'a': capability 'two words' is not valid: use 1-64 characters of"
+            " A-Z a-z 0-9 . _ : -, starting with a letter or digit",
         ),
         (steps({"id": "a", "title": "t" * 201}), "step 'a': title is 201 characters; at most 200"),
         (steps({"id": "a", "depends_on": ["a"]}), "step 'a' depends on itself"),

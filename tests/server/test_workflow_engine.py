@@ -239,11 +239,29 @@ def test_continue_policy_skips_the_downstream_steps_only() -> None:
     assert d.step("fix").state == S.WORKFLOW_STEP_STATE_SKIPPED
     assert d.step("fix").skipped_upstream
     assert d.step("fix").error == "upstream step 'lint' failed"
-    assert d.step("report").error == "upstream step 'fix' failed"
+    assert d.step("report").error == "upstream step 'lint' failed"  # the first failure
     assert d.run.state == R.WORKFLOW_RUN_STATE_RUNNING
     d.complete("test", "ok")
     assert d.run.state == R.WORKFLOW_RUN_STATE_COMPLETED
     assert d.outputs == {"report": None, "test": "ok"}
+
+
+def test_a_step_is_skipped_as_soon_as_one_dependency_failed() -> None:
+    d = Driver(
+        {
+            "steps": [
+                cap("slow"),
+                cap("flaky", on_failure="continue"),
+                cap("join", depends_on=["slow", "flaky"]),
+            ]
+        }
+    )
+    d.fail("flaky")
+    assert d.step("join").state == S.WORKFLOW_STEP_STATE_SKIPPED
+    assert d.step("slow").state == S.WORKFLOW_STEP_STATE_RUNNING
+    assert d.run.state == R.WORKFLOW_RUN_STATE_RUNNING
+    d.complete("slow", 1)
+    assert d.outputs == {"join": None}
 
 
 def test_fallback_runs_in_place_of_its_failed_primary() -> None:

@@ -17,7 +17,7 @@ and may not be named in `outputs`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ def validate(
     return plan
 
 
-def _checked(check: Any, value: Any, field: str) -> None:
+def _checked(check: Callable[[str, str], object], value: str, field: str) -> None:
     try:
         check(value, field)
     except AgentpostError as exc:
@@ -142,7 +142,10 @@ def _check_step(step: Step, index: int) -> None:
     if target == "agent_id":
         _checked(check_agent_id, step.agent_id, f"{where}: agent_id")
     else:
-        _checked(lambda value, _: check_capabilities([value]), step.capability, where)
+        try:
+            check_capabilities([step.capability])
+        except AgentpostError as exc:
+            raise InvalidWorkflowError(f"{where}: {exc.message}") from None
     if len(step.title) > MAX_TITLE:
         raise InvalidWorkflowError(
             f"{where}: title is {len(step.title)} characters; at most {MAX_TITLE}"

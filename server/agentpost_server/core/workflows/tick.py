@@ -114,7 +114,11 @@ class Tick:
             return False
         step = self.steps[sid]
         if status == _BROKEN:
-            self.skip(step, f"upstream step {blame!r} failed", upstream=True)
+            dep = self.steps[blame]
+            inherited = dep.state == S.WORKFLOW_STEP_STATE_SKIPPED  # names the first failure
+            self.skip(
+                step, dep.error if inherited else f"upstream step {blame!r} failed", upstream=True
+            )
             return True
         if self._slots_full():
             return False
@@ -126,11 +130,14 @@ class Tick:
         if primary is not None:
             fell = self.steps[primary].fell_back_to == sid
             return (_OK, "") if fell else (_WAIT, "")
+        waiting = ""
         for dep in self.plan.deps[sid]:
             status = self._settled(dep)
-            if status != _OK:
-                return status, dep
-        return _OK, ""
+            if status == _BROKEN:  # skipped at once, without waiting for the other deps
+                return _BROKEN, dep
+            if status == _WAIT:
+                waiting = waiting or dep
+        return (_WAIT, waiting) if waiting else (_OK, "")
 
     def _settled(self, sid: str) -> str:
         step = self.steps[sid]
