@@ -185,6 +185,7 @@ def test_a_failing_step_is_retried_on_another_agent_and_succeeds() -> None:
     assert d.started_ids(d.complete("build", "ok", attempt=3, agent="carol")) == ["ship"]
     assert d.step("build").attempt == 3
     assert list(d.step("build").failed_assignees) == ["alice", "bob"]
+    assert d.step("build").error == ""  # the earlier failures are history
 
 
 def test_retries_used_up_fail_the_run_naming_the_step_and_reason() -> None:
@@ -341,6 +342,7 @@ def test_a_missing_reference_fails_the_step_without_retry() -> None:
 def test_cancel_cancels_running_tasks_and_stops_the_run() -> None:
     d = Driver({"steps": [cap("a"), cap("b"), cap("c", depends_on=["a", "b"])]})
     d.update("a", TaskUpdate(UpdateKind.SUBMITTED, "T-a"))
+    assert d.run.updated_at.ToSeconds() == int(d.now)
     actions = d.cancel("changed my mind")
     assert [a for a in actions if isinstance(a, CancelTask)] == [
         CancelTask("a", 1, "T-a", "changed my mind"),

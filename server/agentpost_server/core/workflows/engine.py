@@ -81,7 +81,7 @@ def start(
     options = definition.options
     if options.HasField("timeout"):
         tick.actions.append(ScheduleRunTimeout(options.timeout.ToNanoseconds() / 1e9))
-    tick.advance()
+    tick.advance(everything=True)
     for sid in plan.order:
         step = tick.steps[sid]
         if step.state == S.WORKFLOW_STEP_STATE_PENDING and sid not in plan.fallback_of:
@@ -111,7 +111,7 @@ def on_task_update(
     if update.task_id:
         step.task_id = update.task_id
     if update.kind is UpdateKind.SUBMITTED:
-        return tick.run, []
+        return tick.result()
     if update.agent_id:
         step.assignee = update.agent_id
     if update.kind is UpdateKind.OFFERED:

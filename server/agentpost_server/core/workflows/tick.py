@@ -14,6 +14,7 @@ RUNNING or in RETRY_WAIT; ready steps beyond it wait, in definition order.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from agentpost.errors import AgentpostError
@@ -31,15 +32,14 @@ from agentpost_server.core.workflows.conditions import ConditionError, parse_con
 from agentpost_server.core.workflows.definition import Plan, plan_of
 from agentpost_server.core.workflows.refs import RefError, Scope, resolve
 
-S = pb.WorkflowStepState
-E = pb.WorkflowEventKind
-R = pb.WorkflowRunState
+# Enum values are read as module attributes (pb.X), plain ints: the enum wrappers' attribute
+# lookup is slow enough to dominate a transition of a large run.
 TERMINAL_STEP = frozenset(
     (
-        S.WORKFLOW_STEP_STATE_COMPLETED,
-        S.WORKFLOW_STEP_STATE_FAILED,
-        S.WORKFLOW_STEP_STATE_SKIPPED,
-        S.WORKFLOW_STEP_STATE_CANCELED,
+        pb.WORKFLOW_STEP_STATE_COMPLETED,
+        pb.WORKFLOW_STEP_STATE_FAILED,
+        pb.WORKFLOW_STEP_STATE_SKIPPED,
+        pb.WORKFLOW_STEP_STATE_CANCELED,
     )
 )
 _DEFAULT_BACKOFF = 1.0
@@ -59,15 +59,16 @@ class Tick:
         self.now = now
         self.plan = plan or plan_of(self.run.definition)
         self.steps = {step.step_id: step for step in self.run.steps}
+        self.index = {sid: i for i, sid in enumerate(self.plan.order)}
+        self.settled: list[str] = []  # steps that became terminal or fell back since `advance`
         self.actions: list[Action] = []
 
     @property
     def running(self) -> bool:
-        return self.run.state == R.WORKFLOW_RUN_STATE_RUNNING
+        return self.run.state == pb.WORKFLOW_RUN_STATE_RUNNING
 
     def result(self) -> tuple[pb.WorkflowRun, list[Action]]:
-        if self.actions:
-            self.run.updated_at.FromNanoseconds(int(self.now * 1e9))
+        self.run.updated_at.FromNanoseconds(int(self.now * 1e9))
         return self.run, self.actions
 
     # events
@@ -97,16 +98,44 @@ class Tick:
 
     # scheduling
 
-    def advance(self) -> None:
-        """Start, skip or hold every pending step until nothing changes; then maybe finish."""
-        changed = True
-        while changed and self.running:
-            changed = False
-            for sid in self.plan.order:
-                if self.steps[sid].state == S.WORKFLOW_STEP_STATE_PENDING and self._try(sid):
-                    changed = True
+    def advance(self, everything: bool = False) -> None:
+        """Start, skip or hold pending steps until nothing changes; then maybe finish the run.
+
+        Only the steps that something settled may affect are looked at (the dependents of a
+        step that reached a terminal state, a fallback whose primary fell back, the primary's
+        dependents once the fallback ended), in definition order; all of them at the start and
+        when `max_parallel` is set (a freed slot may let any ready step start)."""
+        if everything or self.run.definition.options.max_parallel > 0:
+            queue = list(range(len(self.plan.order)))
+        else:
+            queue = sorted({i for sid in self.settled for i in self._affected(sid)})
+        self.settled.clear()
+        queued = set(queue)
+        while queue and self.running:
+            index = heapq.heappop(queue)
+            queued.discard(index)
+            sid = self.plan.order[index]
+            if self.steps[sid].state == pb.WORKFLOW_STEP_STATE_PENDING:
+                self._try(sid)
+            for settled in self.settled:
+                for nxt in self._affected(settled):
+                    if nxt not in queued:
+                        queued.add(nxt)
+                        heapq.heappush(queue, nxt)
+            self.settled.clear()
         if self.running and all(s.state in TERMINAL_STEP for s in self.run.steps):
             self.complete_run()
+
+    def _affected(self, sid: str) -> list[int]:
+        """Indexes of the steps whose readiness may change when `sid` settles."""
+        plan = self.plan
+        found = [*plan.dependents[sid]]
+        if plan.steps[sid].fallback:
+            found.append(plan.steps[sid].fallback)
+        primary = plan.fallback_of.get(sid)
+        if primary is not None:
+            found.extend(plan.dependents[primary])
+        return [self.index[other] for other in found]
 
     def _try(self, sid: str) -> bool:
         status, blame = self._deps_status(sid)
@@ -115,7 +144,7 @@ class Tick:
         step = self.steps[sid]
         if status == _BROKEN:
             dep = self.steps[blame]
-            inherited = dep.state == S.WORKFLOW_STEP_STATE_SKIPPED  # names the first failure
+            inherited = dep.state == pb.WORKFLOW_STEP_STATE_SKIPPED  # names the first failure
             self.skip(
                 step, dep.error if inherited else f"upstream step {blame!r} failed", upstream=True
             )
@@ -143,11 +172,11 @@ class Tick:
         step = self.steps[sid]
         if step.fell_back_to:
             step = self.steps[step.fell_back_to]
-        if step.state == S.WORKFLOW_STEP_STATE_COMPLETED:
+        if step.state == pb.WORKFLOW_STEP_STATE_COMPLETED:
             return _OK
-        if step.state == S.WORKFLOW_STEP_STATE_SKIPPED:
+        if step.state == pb.WORKFLOW_STEP_STATE_SKIPPED:
             return _BROKEN if step.skipped_upstream else _OK
-        if step.state in (S.WORKFLOW_STEP_STATE_FAILED, S.WORKFLOW_STEP_STATE_CANCELED):
+        if step.state in (pb.WORKFLOW_STEP_STATE_FAILED, pb.WORKFLOW_STEP_STATE_CANCELED):
             return _BROKEN
         return _WAIT
 
@@ -155,7 +184,7 @@ class Tick:
         limit = self.run.definition.options.max_parallel
         if limit <= 0:
             return False
-        busy = (S.WORKFLOW_STEP_STATE_RUNNING, S.WORKFLOW_STEP_STATE_RETRY_WAIT)
+        busy = (pb.WORKFLOW_STEP_STATE_RUNNING, pb.WORKFLOW_STEP_STATE_RETRY_WAIT)
         return sum(1 for s in self.run.steps if s.state in busy) >= limit
 
     def begin(self, step: pb.WorkflowStepRun, attempt: int) -> None:
@@ -176,7 +205,7 @@ class Tick:
             return
         if attempt == 1:
             step.started_at.FromNanoseconds(int(self.now * 1e9))
-        step.state = S.WORKFLOW_STEP_STATE_RUNNING
+        step.state = pb.WORKFLOW_STEP_STATE_RUNNING
         step.attempt = attempt
         step.task_id = ""
         step.assignee = ""
@@ -227,6 +256,7 @@ class Tick:
 
     def finish(self, step: pb.WorkflowStepRun, state: pb.WorkflowStepState.ValueType) -> None:
         step.state = state
+        self.settled.append(step.step_id)
         step.finished_at.FromNanoseconds(int(self.now * 1e9))
 
     def complete(self, step: pb.WorkflowStepRun, output: Any) -> None:
@@ -236,8 +266,11 @@ class Tick:
             self.fail(step, f"the output is not JSON: {exc.message}", retryable=False)
             return
         step.output.CopyFrom(value)
-        self.finish(step, S.WORKFLOW_STEP_STATE_COMPLETED)
-        self.emit(E.WORKFLOW_EVENT_KIND_STEP_COMPLETED, step, payload=value, agent_id=step.assignee)
+        step.error = ""  # an earlier attempt's failure is history now
+        self.finish(step, pb.WORKFLOW_STEP_STATE_COMPLETED)
+        self.emit(
+            pb.WORKFLOW_EVENT_KIND_STEP_COMPLETED, step, payload=value, agent_id=step.assignee
+        )
         primary = self.plan.fallback_of.get(step.step_id)
         if primary is not None:
             self.steps[primary].output.CopyFrom(value)
@@ -246,8 +279,8 @@ class Tick:
     def skip(self, step: pb.WorkflowStepRun, why: str, *, upstream: bool) -> None:
         step.error = why
         step.skipped_upstream = upstream
-        self.finish(step, S.WORKFLOW_STEP_STATE_SKIPPED)
-        self.emit(E.WORKFLOW_EVENT_KIND_STEP_SKIPPED, step, message=why)
+        self.finish(step, pb.WORKFLOW_STEP_STATE_SKIPPED)
+        self.emit(pb.WORKFLOW_EVENT_KIND_STEP_SKIPPED, step, message=why)
         self._settle_fallback(step)
 
     def _settle_fallback(self, primary: pb.WorkflowStepRun) -> None:
@@ -256,9 +289,9 @@ class Tick:
         if spec.on_failure != pb.FAILURE_POLICY_FALLBACK or primary.fell_back_to:
             return
         fallback = self.steps[spec.fallback]
-        if fallback.state == S.WORKFLOW_STEP_STATE_PENDING:
+        if fallback.state == pb.WORKFLOW_STEP_STATE_PENDING:
             verb = (
-                "completed" if primary.state == S.WORKFLOW_STEP_STATE_COMPLETED else "was skipped"
+                "completed" if primary.state == pb.WORKFLOW_STEP_STATE_COMPLETED else "was skipped"
             )
             self.skip(fallback, f"not needed: {primary.step_id!r} {verb}", upstream=False)
 
@@ -273,10 +306,10 @@ class Tick:
         retry = self.retry_policy(spec)
         if retryable and step.attempt < retry.max_attempts:
             delay = backoff(retry, step.attempt)
-            step.state = S.WORKFLOW_STEP_STATE_RETRY_WAIT
+            step.state = pb.WORKFLOW_STEP_STATE_RETRY_WAIT
             step.error = reason
             self.emit(
-                E.WORKFLOW_EVENT_KIND_STEP_RETRYING,
+                pb.WORKFLOW_EVENT_KIND_STEP_RETRYING,
                 step,
                 message=reason,
                 agent_id=agent,
@@ -285,14 +318,14 @@ class Tick:
             self.actions.append(ScheduleRetry(step.step_id, step.attempt + 1, delay))
             return
         step.error = reason
-        self.finish(step, S.WORKFLOW_STEP_STATE_FAILED)
+        self.finish(step, pb.WORKFLOW_STEP_STATE_FAILED)
         policy = spec.on_failure
         note = (
             f"; falling back to {spec.fallback!r}" if policy == pb.FAILURE_POLICY_FALLBACK else ""
         )
-        self.emit(E.WORKFLOW_EVENT_KIND_STEP_FAILED, step, message=reason + note, agent_id=agent)
+        self.emit(pb.WORKFLOW_EVENT_KIND_STEP_FAILED, step, message=reason + note, agent_id=agent)
         if policy == pb.FAILURE_POLICY_FALLBACK:
-            step.fell_back_to = spec.fallback
+            step.fell_back_to = spec.fallback  # `finish` above queued it: the fallback is affected
         elif policy != pb.FAILURE_POLICY_CONTINUE:
             what = f"step {step.step_id!r} failed: {reason}"
             self.fail_run(step.step_id, what)
@@ -301,25 +334,25 @@ class Tick:
 
     def stop_open_steps(self, reason: str) -> None:
         for step in self.run.steps:
-            if step.state == S.WORKFLOW_STEP_STATE_RUNNING:
+            if step.state == pb.WORKFLOW_STEP_STATE_RUNNING:
                 self.actions.append(CancelTask(step.step_id, step.attempt, step.task_id, reason))
             if step.state not in TERMINAL_STEP:
-                self.finish(step, S.WORKFLOW_STEP_STATE_CANCELED)
+                self.finish(step, pb.WORKFLOW_STEP_STATE_CANCELED)
 
     def fail_run(self, step_id: str, message: str) -> None:
         self.stop_open_steps(message)
-        self.run.state = R.WORKFLOW_RUN_STATE_FAILED
+        self.run.state = pb.WORKFLOW_RUN_STATE_FAILED
         self.run.error.step_id = step_id
         self.run.error.message = message
-        self.emit(E.WORKFLOW_EVENT_KIND_RUN_FAILED, message=message, step_id=step_id)
+        self.emit(pb.WORKFLOW_EVENT_KIND_RUN_FAILED, message=message, step_id=step_id)
         error = pb.WorkflowError()
         error.CopyFrom(self.run.error)
         self.actions.append(FinishRun(self.run.id, self.run.state, None, error))
 
     def cancel_run(self, reason: str) -> None:
         self.stop_open_steps(reason or "the run was canceled")
-        self.run.state = R.WORKFLOW_RUN_STATE_CANCELED
-        self.emit(E.WORKFLOW_EVENT_KIND_RUN_CANCELED, message=reason)
+        self.run.state = pb.WORKFLOW_RUN_STATE_CANCELED
+        self.emit(pb.WORKFLOW_EVENT_KIND_RUN_CANCELED, message=reason)
         self.actions.append(FinishRun(self.run.id, self.run.state, None, None))
 
     def complete_run(self) -> None:
@@ -330,8 +363,8 @@ class Tick:
             outputs[sid] = from_value(step.output) if ok else None
         value = to_payload(outputs).json
         self.run.outputs.CopyFrom(value)
-        self.run.state = R.WORKFLOW_RUN_STATE_COMPLETED
-        self.emit(E.WORKFLOW_EVENT_KIND_RUN_COMPLETED, payload=value)
+        self.run.state = pb.WORKFLOW_RUN_STATE_COMPLETED
+        self.emit(pb.WORKFLOW_EVENT_KIND_RUN_COMPLETED, payload=value)
         self.actions.append(FinishRun(self.run.id, self.run.state, outputs, None))
 
 
