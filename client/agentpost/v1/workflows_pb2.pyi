@@ -833,7 +833,9 @@ class ListWorkflowsResponse(_message.Message):
     RUNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowRun]:
-        """The runs, newest first, without their definitions' step details."""
+        """The runs, newest first. The server may leave out `definition.steps` and step outputs here;
+        GetWorkflow returns everything.
+        """
 
     def __init__(
         self,
