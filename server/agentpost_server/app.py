@@ -90,11 +90,14 @@ class App:
             limits=_limits(s),
         )
         hub.tasks = tasks = compose.tasks(s, self._redis, keys, presence, self._bus.wake)
+        hub.workflows = workflows = compose.workflows(s, self._redis, keys, tasks)
         await self._bus.start(hub)
         await hub.heartbeat()
 
         self._server = server = grpc.aio.server(options=_grpc_options(s))
-        servicer = AgentMessagingServicer(hub, tasks, compose.audit(s, self._redis, keys))
+        servicer = AgentMessagingServicer(
+            hub, tasks, workflows, compose.audit(s, self._redis, keys)
+        )
         add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

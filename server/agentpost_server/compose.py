@@ -10,10 +10,12 @@ from agentpost_server.core.ids import UlidFactory
 from agentpost_server.core.ports import PresenceStore
 from agentpost_server.core.tasks.lifecycle import TaskConfig
 from agentpost_server.core.tasks.service import TaskService
+from agentpost_server.core.workflows.driver import WorkflowService
 from agentpost_server.settings import Settings
 from agentpost_server.store.audit import RedisAudit
 from agentpost_server.store.keys import Keys
 from agentpost_server.store.tasks import RedisTasks
+from agentpost_server.store.workflows import RedisWorkflows
 
 
 def _ms(seconds: float) -> int:
@@ -56,4 +58,15 @@ def tasks(
         wake,
         task_config(s),
         max_payload_bytes=s.max_payload_bytes,
+    )
+
+
+def workflows(s: Settings, redis: Redis, keys: Keys, tasks: TaskService) -> WorkflowService:
+    """The workflow driver; it becomes the task service's observer."""
+    return WorkflowService(
+        RedisWorkflows(redis, keys, retention_ms=_ms(s.task_retention)),
+        tasks,
+        UlidFactory(),
+        audit(s, redis, keys),
+        max_steps=s.max_workflow_steps,
     )

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     task_retention: float = Field(
         7 * 86400.0, gt=0, description="seconds a finished task stays readable"
     )
+    max_workflow_steps: int = Field(500, gt=0, description="steps per workflow definition")
     audit_retention: int = Field(1_000_000, gt=0, description="audit records kept (about)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field("text", description="log line format")

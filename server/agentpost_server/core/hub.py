@@ -48,6 +48,7 @@ from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
 from agentpost_server.core.tasks.service import TaskService
+from agentpost_server.core.workflows.driver import WorkflowService
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Hub:
         self._heartbeats = 0
         self._closing: set[asyncio.Task[None]] = set()
         self.tasks: TaskService | None = None  # set by the app; offers waiting tasks on connect
+        self.workflows: WorkflowService | None = None  # set by the app; wakes run watchers
 
     # ---- sessions -------------------------------------------------------------------------
 
@@ -252,10 +254,16 @@ class Hub:
         self.registry.on_bus_reset()
         if self.tasks is not None:
             self.tasks.notify_all()
+        if self.workflows is not None:
+            self.workflows.notify_all()
 
     def on_task_event(self, task_id: str) -> None:
         if self.tasks is not None:
             self.tasks.notify(task_id)
+
+    def on_workflow_event(self, run_id: str) -> None:
+        if self.workflows is not None:
+            self.workflows.notify(run_id)
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo:
         names.check_agent_id(agent_id)

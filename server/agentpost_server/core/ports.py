@@ -68,6 +68,10 @@ class Inbound(Protocol):
         """A task has new events (in its history)."""
         ...
 
+    def on_workflow_event(self, run_id: str) -> None:
+        """A workflow run has new events."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AgentRecord:
@@ -248,6 +252,8 @@ class TaskStore(Protocol):
         ...
 
     async def schedule(self, job: Job) -> None: ...
+
+    async def by_key(self, sender: str, key: str) -> str | None: ...
 
     async def history(
         self, task_id: str, after_seq: int, limit: int

@@ -12,6 +12,8 @@ Jobs are JSON-serialized (never pickle). Two queues, each with its own arq Worke
 "<key prefix>:tasks" (task handoffs; short jobs, polled every 50 ms):
 - `task_tick` (scheduled by task transitions, see `store.jobs`): one check of one task.
 - `task_sweep` (cron, every 5 s): offer waiting tasks whose target came online unnoticed.
+- `workflow_step_done` (a step's task ended), `workflow_retry`, `workflow_timeout` and
+  `workflow_kick` (actions a crashed process left pending): see `core.workflows.driver`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,36 @@ async def task_tick(ctx: dict[str, Any], task_id: str) -> None:
     """A task's scheduled check (accept timeout, backoff elapsed, liveness, deadline)."""
     try:
         await ctx["tasks"].tick(task_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_step_done(ctx: dict[str, Any], task_id: str) -> None:
+    """A workflow step's task ended (its on_done continuation)."""
+    try:
+        await ctx["workflows"].on_task_done(task_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_retry(ctx: dict[str, Any], run_id: str, step_id: str, attempt: str) -> None:
+    try:
+        await ctx["workflows"].on_retry_due(run_id, step_id, int(attempt))
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_timeout(ctx: dict[str, Any], run_id: str) -> None:
+    try:
+        await ctx["workflows"].on_run_timeout(run_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_kick(ctx: dict[str, Any], run_id: str) -> None:
+    """Carry out a run's actions that a crashed process left pending."""
+    try:
+        await ctx["workflows"].kick(run_id)
     except UnavailableError as exc:
         raise Retry(defer=2) from exc
 
@@ -150,12 +182,22 @@ def _tasks(settings: Settings, redis_url: str) -> Worker:
         service = compose.tasks(settings, ctx["redis"], keys, ctx["presence"], ctx["bus"].wake)
         ctx.update(
             tasks=service,
+            workflows=compose.workflows(settings, ctx["redis"], keys, service),
             task_store=service.store,
             task_retention_ms=int(settings.task_retention * 1000),
         )
 
     return Worker(
-        functions=[func(task_tick, name="task_tick", timeout=10, max_tries=1000)],
+        functions=[
+            func(job, name=job.__name__, timeout=10, max_tries=1000)
+            for job in (
+                task_tick,
+                workflow_step_done,
+                workflow_retry,
+                workflow_timeout,
+                workflow_kick,
+            )
+        ],
         cron_jobs=[
             cron(
                 task_sweep,

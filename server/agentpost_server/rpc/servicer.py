@@ -25,10 +25,12 @@ from agentpost_server.core.hub import Hub
 from agentpost_server.core.ports import AgentRecord, Audit
 from agentpost_server.core.session import LocalSession
 from agentpost_server.core.tasks.service import TaskService
+from agentpost_server.core.workflows.driver import WorkflowService
 from agentpost_server.rpc import depth
 from agentpost_server.rpc.caller import caller
 from agentpost_server.rpc.errors import streaming, unary
 from agentpost_server.rpc.tasks import TaskRpcs
+from agentpost_server.rpc.workflows import WorkflowRpcs
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,13 @@ async def _frames(raw_frames: AsyncIterator[bytes]) -> AsyncIterator[messaging_p
             ) from None
 
 
-class AgentMessagingServicer(TaskRpcs):
-    def __init__(self, hub: Hub, tasks: TaskService, audit: Audit) -> None:
+class AgentMessagingServicer(TaskRpcs, WorkflowRpcs):
+    def __init__(
+        self, hub: Hub, tasks: TaskService, workflows: WorkflowService, audit: Audit
+    ) -> None:
         self._hub = hub
         self._tasks = tasks
+        self._workflows = workflows
         self._audit = audit
 
     @streaming(None)

@@ -14,6 +14,7 @@ class Keys:
         self.presence_channel = f"{prefix}:ch:presence"
         self.wake_channel = f"{prefix}:ch:wake"
         self.tasks_channel = f"{prefix}:ch:tasks"  # a task id, after each of its events
+        self.workflows_channel = f"{prefix}:ch:wf"  # a workflow run id, after its events
         self.dead_letters = f"{prefix}:dead"  # STREAM of undeliverable messages, with reasons
         self.broadcast_log = f"{prefix}:broadcasts"  # STREAM of recent broadcasts
         self.topic_log = f"{prefix}:topiclog"  # STREAM of recent topic publishes

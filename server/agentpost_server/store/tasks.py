@@ -124,6 +124,15 @@ class RedisTasks:
     def _task(self, task_id: str) -> str:
         return f"{self._keys.prefix}:task:{task_id}"
 
+    def _idem(self, sender: str, key: str) -> str:
+        return f"{self._keys.prefix}:tidem:{sender}:{key}"
+
+    async def by_key(self, sender: str, key: str) -> str | None:
+        """The task a sender handed off under an idempotency key, if any."""
+        with unavailable_on_redis_error("looking up the task"):
+            found = await _wait(self._redis.get(self._idem(sender, key)))
+        return _text(found) if found else None
+
     def _waiting(self, queue: str) -> str:
         return f"{self._keys.prefix}:tq:{queue}"
 
@@ -205,7 +214,7 @@ class RedisTasks:
         if idempotency is not None:
             sender, key = idempotency
             keep = self._retry_ms if key.startswith("~") else self._idempotency_ms
-            plan["idem"] = [f"{k.prefix}:tidem:{sender}:{key}", str(keep)]
+            plan["idem"] = [self._idem(sender, key), str(keep)]
         keys = [
             self._task(task_id),
             self._task(task_id) + ":h",
@@ -333,6 +342,7 @@ def _record(task_id: str, raw: dict[Any, Any]) -> TaskRecord | None:
             rejected_by=_text(fields.get("rejected_by", b"")).split(),
             workflow_run_id=_text(fields.get("wf_run", b"")),
             workflow_step_id=_text(fields.get("wf_step", b"")),
+            workflow_attempt=_int(fields, "wf_att"),
             on_done=_text(fields.get("on_done", b"")),
         )
         if "result" in fields:

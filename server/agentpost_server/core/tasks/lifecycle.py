@@ -162,7 +162,13 @@ def create(
         updated_ms=now_ms,
     )
     if record.workflow_run_id:
-        change.set(wf_run=record.workflow_run_id, wf_step=record.workflow_step_id)
+        change.set(
+            wf_run=record.workflow_run_id,
+            wf_step=record.workflow_step_id,
+            wf_att=record.workflow_attempt,
+        )
+    if record.tried:
+        change.set(tried=" ".join(record.tried))
     if record.on_done:
         change.set(on_done=record.on_done)
     target = record.spec.WhichOneof("target") or ""
@@ -368,7 +374,8 @@ def release(
         final = FAILED
     elif out_of_attempts:
         final = FAILED
-        why = f"{why}; all {record.max_attempts} attempts used"
+        if record.max_attempts > 1:
+            why = f"{why}; all {record.max_attempts} attempts used"
     else:
         final = SUBMITTED
     if final == SUBMITTED:

@@ -66,6 +66,7 @@ class TaskRecord:
     rejected_by: list[str] = field(default_factory=list)
     workflow_run_id: str = ""
     workflow_step_id: str = ""
+    workflow_attempt: int = 0
     on_done: str = ""
 
     @property

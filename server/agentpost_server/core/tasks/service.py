@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from agentpost.errors import (
     AgentNotFoundError,
@@ -81,6 +81,9 @@ class TaskService:
         self._max_payload = max_payload_bytes
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Told about every event of a task that belongs to a workflow run (best effort: the
+        # durable path is the task's on_done job).
+        self.observer: Callable[[TaskRecord, tasks_pb2.TaskEvent], Awaitable[None]] | None = None
 
     # -- originator ---------------------------------------------------------------------------
 
@@ -92,14 +95,19 @@ class TaskService:
         *,
         workflow_run_id: str = "",
         workflow_step_id: str = "",
+        workflow_attempt: int = 0,
         on_done: str = "",
+        avoid: Sequence[str] = (),
     ) -> tuple[tasks_pb2.Task, bool]:
         """Store a new task and offer it at once when an assignee is online. Returns the task
-        and whether the idempotency key matched an earlier handoff (whose task it returns)."""
+        and whether the idempotency key matched an earlier handoff (whose task it returns).
+        `avoid`: agents to offer it to only when no other capable agent is online."""
         now = _now_ms()
         record = await self._validate(originator, spec, idempotency_key, now)
         record.workflow_run_id, record.workflow_step_id = workflow_run_id, workflow_step_id
+        record.workflow_attempt = workflow_attempt
         record.on_done = on_done
+        record.tried = list(avoid)
         change = lifecycle.create(record, self.config, now)
         idem = (originator, idempotency_key) if idempotency_key else None
         result = await self.store.commit(record.id, -1, change, idempotency=idem)
@@ -111,6 +119,8 @@ class TaskService:
                     metadata={"task_id": result},
                 )
             return task_view(earlier), True
+        if isinstance(result, Committed):
+            await self._after(record, change, result)
         stored = await self.store.load(record.id)
         if stored is None:  # pragma: no cover - just committed
             raise TaskNotFoundError(f"task {record.id} vanished", metadata={"task_id": record.id})
@@ -297,11 +307,9 @@ class TaskService:
                 else:
                     change = lifecycle.wait(record, now)
             committed = await self.store.commit(record.id, record.version, change)
-            task_id = record.id
-            record = None
+            task_id, before, record = record.id, record, None
             if isinstance(committed, Committed):
-                for mail in change.mail:
-                    self._wake(mail.agent_id)
+                await self._after(before, change, committed)
                 return await self.store.load(task_id)
         log.warning("task %s: gave up offering after repeated conflicts", task_id)
         return None
@@ -383,8 +391,7 @@ class TaskService:
                     return
             committed = await self.store.commit(record.id, record.version, change)
             if isinstance(committed, Committed):
-                for mail in change.mail:
-                    self._wake(mail.agent_id)
+                await self._after(record, change, committed)
                 after = await self.store.load(task_id)
                 if after is not None and after.state == SUBMITTED and after.not_before_ms <= now:
                     await self.dispatch(after)
@@ -408,6 +415,21 @@ class TaskService:
         return lifecycle.release(
             record, SERVER_ACTOR, why, self.config, now, self._ids.new(), immediate=True
         )
+
+    async def _after(self, record: TaskRecord, change: Change, committed: Committed) -> None:
+        """After a commit: wake the mailboxes it wrote to; tell the workflow observer."""
+        for mail in change.mail:
+            self._wake(mail.agent_id)
+        if self.observer is not None and record.workflow_run_id and change.event is not None:
+            event = tasks_pb2.TaskEvent()
+            event.CopyFrom(change.event)
+            event.seq = committed.seq
+            try:
+                await self.observer(record, event)
+            except AgentpostError as exc:
+                log.warning(
+                    "workflow %s: task update not recorded: %s", record.workflow_run_id, exc
+                )
 
     # -- watchers -----------------------------------------------------------------------------
 
@@ -434,8 +456,7 @@ class TaskService:
             change = decide(record, _now_ms())
             committed = await self.store.commit(record.id, record.version, change)
             if isinstance(committed, Committed):
-                for mail in change.mail:
-                    self._wake(mail.agent_id)
+                await self._after(record, change, committed)
                 after = await self.store.load(task_id)
                 return after or record
         raise AgentpostError(f"task {task_id} is changing too fast; retry")
