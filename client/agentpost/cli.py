@@ -8,6 +8,9 @@
     agentpost agents register coder --capability code # known before it first connects
     agentpost mailbox coder                           # messages waiting for coder
     agentpost deadletters --agent coder               # messages that expired undelivered
+    agentpost --as me handoff --to coder --title T --wait  # a task; prints its result
+    agentpost tasks --state working                   # tasks (see agentpost._taskcli)
+    agentpost workflow run examples/review.yaml       # live (see agentpost._workflow_cli)
 
 Errors are one line on stderr and exit status 1 (2 for usage errors, 130 on Ctrl-C).
 """
@@ -18,15 +21,28 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import datetime
 import json
 import logging
-import os
 import secrets
 import sys
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
+from agentpost import _taskcli, _workflow_cli
+from agentpost._clikit import (
+    DEFAULT_SERVER,
+    Command,
+    add_globals,
+    fail,
+    header,
+    parse_payload,
+    positive,
+    positive_int,
+    print_table,
+    print_value,
+    time_text,
+    with_client,
+)
 from agentpost.agent import connect
 from agentpost.client import Client, Presence
 from agentpost.config import ConnectOptions
@@ -34,13 +50,9 @@ from agentpost.errors import AgentpostError, UnavailableError
 from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULT_SERVER", "build_parser", "main", "parse_payload"]
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 _NOT_INSTALLED = "the server is not installed: pip install 'agentpost[server]'"
-
-Command = Callable[[argparse.Namespace], int]
-T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except AgentpostError as exc:
-        return _fail(exc.message)
+        return fail(exc.message)
     except BrokenPipeError:  # `agentpost listen | head`
         sys.stderr.close()
         return 1
@@ -64,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentpost", description="A gRPC message bus for AI agents."
     )
-    _add_globals(parser, suppress=False)
+    add_globals(parser, suppress=False)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     def command(name: str, run: Command, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_globals(sub, suppress=True)
+        add_globals(sub, suppress=True)
         sub.set_defaults(command=run)
         return sub
 
@@ -85,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("to", metavar="TO", help="the recipient agent id")
     _add_payload(send)
     send.add_argument(
-        "--ttl", type=_positive, metavar="S", help="dead-letter it if not delivered within S s"
+        "--ttl", type=positive, metavar="S", help="dead-letter it if not delivered within S s"
     )
     send.add_argument(
         "--idempotency-key",
@@ -94,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive,
         default=10.0,
         metavar="S",
         help="give up after S seconds of trying while the server is unavailable (default 10)",
@@ -112,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     request = command("request", _request, "Send a request and print the reply's payload.")
     request.add_argument("to", metavar="TO", help="the agent that should answer")
     _add_payload(request)
-    request.add_argument("--timeout", type=_positive, default=30.0, metavar="S", help="seconds")
+    request.add_argument("--timeout", type=positive, default=30.0, metavar="S", help="seconds")
 
     listen = command("listen", _listen, "Print messages as they arrive, one per line.")
     listen.add_argument(
@@ -121,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--broadcasts", action="store_true", help="receive broadcasts too (without --as)"
     )
-    listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+    listen.add_argument("--count", type=positive_int, metavar="N", help="exit after N messages")
 
     agents = command("agents", _agents, "List the known agents, or register one.")
     agents.add_argument("--capability", metavar="C", help="only agents with this capability")
@@ -131,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     agents_commands = agents.add_subparsers(title="commands", metavar="COMMAND")
     register_help = "Make an agent id known before it connects, so messages to it are kept."
     register = agents_commands.add_parser("register", help=register_help, description=register_help)
-    _add_globals(register, suppress=True)
+    add_globals(register, suppress=True)
     register.set_defaults(command=_register)
     register.add_argument("id", metavar="ID", help="the agent id")
     register.add_argument(
@@ -149,32 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     dead = command("deadletters", _deadletters, "List messages that expired undelivered.")
     dead.add_argument("--agent", metavar="ID", help="only those for this agent")
     dead.add_argument(
-        "--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)"
+        "--limit", type=positive_int, default=100, metavar="N", help="at most N (default 100)"
     )
+    _taskcli.add_commands(command)
+    _workflow_cli.add_commands(command)
     return parser
-
-
-def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    # Accepted before and after the command; a subcommand only overrides what it was given.
-    def default(value: Any) -> Any:
-        return argparse.SUPPRESS if suppress else value
-
-    parser.add_argument(
-        "--server",
-        metavar="ADDR",
-        default=default(os.environ.get("AGENTPOST_SERVER") or DEFAULT_SERVER),
-        help=f"server address (default: $AGENTPOST_SERVER or {DEFAULT_SERVER})",
-    )
-    parser.add_argument(
-        "--json", action="store_true", default=default(False), help="machine-readable output"
-    )
-    parser.add_argument(
-        "--as",
-        dest="agent_id",
-        metavar="AGENT_ID",
-        default=default(None),
-        help="act as this agent (default: anonymous)",
-    )
 
 
 def _add_payload(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
@@ -183,48 +174,9 @@ def _add_payload(parser: argparse.ArgumentParser, *, positional: bool = True) ->
             "payload", metavar="PAYLOAD", help="JSON if it parses, else a string; - reads stdin"
         )
     parser.add_argument(
-        "--header", action="append", default=[], metavar="K=V", type=_header, help="(repeat)"
+        "--header", action="append", default=[], metavar="K=V", type=header, help="(repeat)"
     )
     parser.add_argument("--raw", action="store_true", help="send PAYLOAD as a string, never JSON")
-
-
-def _header(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
-    return key, value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def parse_payload(text: str, *, raw: bool = False) -> Any:
-    """The payload of a command line argument: JSON if it parses (and not `raw`), else the text."""
-    if text == "-":
-        text = sys.stdin.read()
-    if raw:
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 # ------------------------------------------------------------------------- commands
@@ -234,7 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from agentpost_server.app import serve_main
     except ModuleNotFoundError:
-        return _fail(_NOT_INSTALLED)
+        return fail(_NOT_INSTALLED)
     return serve_main(
         listen=args.listen, redis_url=args.redis_url, worker=False if args.no_worker else None
     )
@@ -244,7 +196,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         from agentpost_server.app import worker_main
     except ModuleNotFoundError:
-        return _fail(_NOT_INSTALLED)
+        return fail(_NOT_INSTALLED)
     return worker_main(redis_url=args.redis_url)
 
 
@@ -264,12 +216,12 @@ def _send(args: argparse.Namespace) -> int:
         )
 
     try:
-        message_id = _with_client(args, run, options)
+        message_id = with_client(args, run, options)
     except UnavailableError as exc:
         key = exc.metadata.get("idempotency_key")
         if key is None:
             raise
-        return _fail(f"{exc.message} (to retry safely: --idempotency-key {key})")
+        return fail(f"{exc.message} (to retry safely: --idempotency-key {key})")
     return _print_id(args, message_id)
 
 
@@ -277,7 +229,7 @@ def _publish(args: argparse.Namespace) -> int:
     expected = 1 if args.broadcast else 2
     if len(args.args) != expected:
         usage = "PAYLOAD with --broadcast" if args.broadcast else "TOPIC PAYLOAD"
-        return _fail(f"publish takes {usage}", status=2)
+        return fail(f"publish takes {usage}", status=2)
     payload = parse_payload(args.args[-1], raw=args.raw)
     headers = dict(args.header)
 
@@ -286,7 +238,7 @@ def _publish(args: argparse.Namespace) -> int:
             return await client.broadcast(payload, headers=headers)
         return await client.publish(args.args[0], payload, headers=headers)
 
-    return _print_id(args, _with_client(args, run))
+    return _print_id(args, with_client(args, run))
 
 
 def _request(args: argparse.Namespace) -> int:
@@ -297,22 +249,17 @@ def _request(args: argparse.Namespace) -> int:
             args.to, payload, timeout=args.timeout, headers=dict(args.header)
         )
 
-    reply = _with_client(args, run)
+    reply = with_client(args, run)
     if args.json:
         print(json.dumps(message_json(reply), ensure_ascii=False))
-    elif isinstance(reply.payload, bytes):
-        sys.stdout.buffer.write(reply.payload)
-        sys.stdout.flush()
-    elif isinstance(reply.payload, str):
-        print(reply.payload)
     else:
-        print(json.dumps(reply.payload, ensure_ascii=False, indent=2))
+        print_value(reply.payload)
     return 0
 
 
 def _listen(args: argparse.Namespace) -> int:
     if args.agent_id is None and not args.topic and not args.broadcasts:
-        return _fail("listen needs --as AGENT_ID, or --topic/--broadcasts", status=2)
+        return fail("listen needs --as AGENT_ID, or --topic/--broadcasts", status=2)
     return asyncio.run(_listen_async(args))
 
 
@@ -349,7 +296,7 @@ def _agents(args: argparse.Namespace) -> int:
     async def run(client: Client) -> list[AgentInfo]:
         return await client.list_agents(capability=args.capability, presence=presence)
 
-    agents = _with_client(args, run)
+    agents = with_client(args, run)
     if args.json:
         print(json.dumps([agent_json(agent) for agent in agents], ensure_ascii=False))
         return 0
@@ -361,7 +308,7 @@ def _register(args: argparse.Namespace) -> int:
     async def run(client: Client) -> AgentInfo:
         return await client.register_agent(args.id, capabilities=args.capabilities)
 
-    agent = _with_client(args, run)
+    agent = with_client(args, run)
     if args.json:
         print(json.dumps(agent_json(agent), ensure_ascii=False))
     else:
@@ -373,12 +320,12 @@ def _mailbox(args: argparse.Namespace) -> int:
     async def run(client: Client) -> MailboxInfo:
         return await client.get_mailbox(args.id)
 
-    mailbox = _with_client(args, run)
+    mailbox = with_client(args, run)
     if args.json:
         print(json.dumps(mailbox_json(mailbox), ensure_ascii=False))
         return 0
     oldest = mailbox.oldest_at.isoformat(timespec="seconds") if mailbox.oldest_at else "-"
-    _print_table(
+    print_table(
         [
             ("AGENT", "DEPTH", "UNACKED", "OLDEST", "DEAD LETTERS"),
             (
@@ -397,7 +344,7 @@ def _deadletters(args: argparse.Namespace) -> int:
     async def run(client: Client) -> list[DeadLetter]:
         return await client.list_dead_letters(agent_id=args.agent, limit=args.limit)
 
-    letters = _with_client(args, run)
+    letters = with_client(args, run)
     if args.json:
         print(json.dumps([dead_letter_json(letter) for letter in letters], ensure_ascii=False))
         return 0
@@ -406,7 +353,7 @@ def _deadletters(args: argparse.Namespace) -> int:
         message = letter.message
         dead_at = letter.dead_at.isoformat(timespec="seconds") if letter.dead_at else "-"
         rows.append((dead_at, message.id, message.sender, _target(message), letter.reason))
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -417,15 +364,7 @@ def _print_agents(agents: Sequence[AgentInfo]) -> None:
         caps = ",".join(agent.capabilities) or "-"
         online = "yes" if agent.online else "no"
         rows.append((agent.agent_id, online, str(agent.sessions), str(agent.pending), caps, seen))
-    _print_table(rows)
-
-
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    print_table(rows)
 
 
 # ------------------------------------------------------------------------- output
@@ -467,10 +406,6 @@ def _target(message: Message) -> str:
     return message.to or (f"#{message.topic}" if message.topic else "*")
 
 
-def _time(value: datetime.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 def agent_json(agent: AgentInfo) -> dict[str, Any]:
     return {
         "agent_id": agent.agent_id,
@@ -478,9 +413,9 @@ def agent_json(agent: AgentInfo) -> dict[str, Any]:
         "metadata": agent.metadata,
         "online": agent.online,
         "sessions": agent.sessions,
-        "connected_since": _time(agent.connected_since),
-        "last_seen": _time(agent.last_seen),
-        "first_seen": _time(agent.first_seen),
+        "connected_since": time_text(agent.connected_since),
+        "last_seen": time_text(agent.last_seen),
+        "first_seen": time_text(agent.first_seen),
         "pending": agent.pending,
     }
 
@@ -490,7 +425,7 @@ def mailbox_json(mailbox: MailboxInfo) -> dict[str, Any]:
         "agent_id": mailbox.agent_id,
         "depth": mailbox.depth,
         "unacknowledged": mailbox.unacknowledged,
-        "oldest_at": _time(mailbox.oldest_at),
+        "oldest_at": time_text(mailbox.oldest_at),
         "dead_lettered": mailbox.dead_lettered,
     }
 
@@ -499,27 +434,10 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
     return {
         "message": message_json(letter.message),
         "reason": letter.reason,
-        "dead_at": _time(letter.dead_at),
+        "dead_at": time_text(letter.dead_at),
     }
-
-
-def _with_client(
-    args: argparse.Namespace,
-    run: Callable[[Client], Coroutine[Any, Any, T]],
-    options: ConnectOptions | None = None,
-) -> T:
-    async def go() -> T:
-        async with Client(args.server, agent_id=args.agent_id, options=options) as client:
-            return await run(client)
-
-    return asyncio.run(go())
 
 
 def _print_id(args: argparse.Namespace, message_id: str) -> int:
     print(json.dumps({"message_id": message_id}) if args.json else message_id)
     return 0
-
-
-def _fail(message: str, *, status: int = 1) -> int:
-    print(f"agentpost: error: {message}", file=sys.stderr)
-    return status

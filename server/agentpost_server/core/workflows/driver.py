@@ -39,6 +39,7 @@ from agentpost_server.core.ports import Audit, Job
 from agentpost_server.core.tasks.model import (
     CANCELED,
     COMPLETED,
+    FAILED,
     INPUT_REQUIRED,
     OFFERED,
     SERVER_ACTOR,
@@ -233,7 +234,9 @@ class WorkflowService:
             outcome = Completed(output, record.assignee)
         else:
             why = record.error or f"the task ended {tasks_pb2.TaskState.Name(record.state)}"  # type: ignore[arg-type]
-            outcome = Failed(why, record.retryable and record.state != CANCELED, record.assignee)
+            # A timeout (expired) or a rejection may go better next time; a cancel never does.
+            retryable = record.state != CANCELED and (record.state != FAILED or record.retryable)
+            outcome = Failed(why, retryable, record.assignee)
         await self._apply(
             record.workflow_run_id,
             lambda r, now: engine.on_step_finished(
