@@ -63,14 +63,21 @@ class Inbox:
 
     # ----------------------------------------------------------------- in
 
+    def admit(self, event: messaging_pb2.ServerEvent) -> bool:
+        """Whether a delivery is new (to be shown); a duplicate's delivery id is accounted for.
+        A new one with a delivery id is held until `ack` (or `done`)."""
+        ledger = self.ledger
+        if ledger.admit(event.delivery.id, event.delivery_id):
+            return True
+        if ledger.has_pending:
+            self._acks_due()
+        return False
+
     async def deliver(self, event: messaging_pb2.ServerEvent) -> None:
         """Queue a delivery for the application, unless it is a duplicate (waits while full)."""
-        envelope, delivery_id = event.delivery, event.delivery_id
-        ledger = self.ledger
-        if not ledger.admit(envelope.id, delivery_id):
-            if ledger.has_pending:
-                self._acks_due()
+        if not self.admit(event):
             return
+        envelope, delivery_id = event.delivery, event.delivery_id
         message = Message(  # what from_envelope() does, one call less
             envelope, delivery_id=delivery_id, redeliveries=event.redeliveries, acker=self.ack
         )

@@ -6,6 +6,10 @@ async with agentpost.connect("127.0.0.1:50051", agent_id="planner") as agent:
     async for message in agent.messages():
         ...
 
+Tasks: `handoff()` hands one to another agent (or capability) and returns a `TaskHandle`
+(`await handle.result()`); `tasks()` yields the `Assignment`s offered to this agent, or
+`@agent.on_task` works on them with a handler. Task offers never show up in `messages()`.
+
 Delivery is exactly once to the application, for messages it finished handling: the server
 delivers at least once (until acknowledged), and the SDK drops duplicates by message id. Each
 message from `messages()` is acknowledged after the loop body ran (`ConnectOptions.ack_mode`),
@@ -17,27 +21,39 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import itertools
 import math
-import secrets
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from agentpost import _status
+from agentpost import _keys, _status
+from agentpost._desk import TaskHandler
+from agentpost._keys import RETRY_KEY_PREFIX, RetryKeys
+from agentpost._workflowapi import WorkflowMethods
+from agentpost._workflowcalls import WorkflowCalls
+from agentpost.assignment import Assignment
+from agentpost.audit import AuditRecord
 from agentpost.config import ConnectOptions
 from agentpost.errors import InvalidArgumentError, UnavailableError
+from agentpost.handle import TaskHandle
 from agentpost.message import Message
 from agentpost.payload import fill_headers, fill_payload, fill_struct
 from agentpost.session import RequestHandler, Session
+from agentpost.tasks import TaskInfo, TaskState, build_spec
 from agentpost.v1 import messaging_pb2
 
-__all__ = ["RETRY_KEY_PREFIX", "Agent", "AgentConnector", "RequestHandler", "RetryKeys", "connect"]
-
-#: Starts the idempotency keys the SDK makes up for a send; a caller's own keys must not.
-RETRY_KEY_PREFIX = "~"
+__all__ = [
+    "RETRY_KEY_PREFIX",
+    "Agent",
+    "AgentConnector",
+    "RequestHandler",
+    "RetryKeys",
+    "TaskHandler",
+    "connect",
+]
 
 H = TypeVar("H", bound=RequestHandler)
+TH = TypeVar("TH", bound=TaskHandler)
 
 
 def connect(
@@ -104,7 +120,7 @@ class AgentConnector:
             await agent._close(abort=exc_type is not None)
 
 
-class Agent:
+class Agent(WorkflowMethods):
     """A connected agent. Get one from `connect()`; every method raises `AgentpostError`s only."""
 
     def __init__(self, session: Session, agent_id: str) -> None:
@@ -351,6 +367,124 @@ class Agent:
                 else:
                     inbox.done(held)
 
+    # ----------------------------------------------------------------- tasks: originator
+
+    async def handoff(
+        self,
+        to: str | None = None,
+        *,
+        capability: str | None = None,
+        title: str,
+        description: str = "",
+        input: Any = None,
+        context: Mapping[str, Any] | None = None,
+        references: Mapping[str, str] | None = None,
+        priority: int = 0,
+        deadline: datetime.datetime | datetime.timedelta | float | None = None,
+        accept_timeout: float | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle:
+        """Hand a task off to agent `to`, or to any agent with `capability` (exactly one);
+        returns at once with its handle (`await handle.result()` waits for the outcome).
+
+        `title` (1-200 characters) and `description` say what to do, `input` (JSON data or
+        bytes), `context` (a JSON object) and `references` (strings) carry what is needed.
+        Higher `priority` (-1000 to 1000) is offered first. `deadline` (an aware datetime, a
+        timedelta or seconds from now) expires the task; `accept_timeout` (seconds) and
+        `max_attempts` override the server's defaults for offers.
+
+        Like `send`, a handoff carries an idempotency key, so one repeated after a lost
+        connection creates one task: the SDK's short-lived "~" key, or your own
+        `idempotency_key` to retry later yourself (`handle.duplicate` is then True).
+        Raises `AgentNotFoundError` for an unknown `to`, `InvalidArgumentError` for a bad
+        argument (before anything is sent).
+        """
+        spec = build_spec(
+            to=to,
+            capability=capability,
+            title=title,
+            description=description,
+            input=input,
+            context=context,
+            references=references,
+            priority=priority,
+            deadline=deadline,
+            accept_timeout=accept_timeout,
+            max_attempts=max_attempts,
+        )
+        key = _keys.idempotency_key(idempotency_key, self._retry_key)
+        return await TaskHandle.hand_off(self._session.desk.calls, spec, key)
+
+    def task_handle(self, task_id: str) -> TaskHandle:
+        """The handle of a task handed off earlier (by this agent), by id."""
+        return TaskHandle(self._session.desk.calls, task_id)
+
+    async def get_task(self, task_id: str, *, history: bool = False) -> TaskInfo:
+        """A task as the server knows it; `TaskNotFoundError`."""
+        return await self._session.desk.calls.get(task_id, history=history)
+
+    async def cancel_task(self, task_id: str, reason: str = "") -> TaskInfo:
+        """Cancel a task this agent handed off; the task after it."""
+        return await self._session.desk.calls.cancel(task_id, reason)
+
+    async def list_tasks(
+        self,
+        *,
+        dead: bool = False,
+        states: Sequence[TaskState | str] = (),
+        originator: str | None = None,
+        assignee: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        """Tasks, newest first, without history: only `dead` ones (failed, rejected, expired),
+        only in `states`, only of an `originator` or an `assignee`; at most `limit` (1-1000)."""
+        return await self._session.desk.calls.list_tasks(
+            dead=dead, states=states, originator=originator, assignee=assignee, limit=limit
+        )
+
+    async def audit(self, subject: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        """The audit trail, newest first: about `subject` (a task, workflow run or agent id)
+        or everything; at most `limit` (1-1000)."""
+        return await self._session.desk.calls.audit(subject, limit)
+
+    # ----------------------------------------------------------------- tasks: assignee
+
+    async def tasks(self) -> AsyncIterator[Assignment]:
+        """The tasks offered to this agent, each once, as they come: accept or reject each.
+
+        Offers come through the agent's mailbox (they wait there while it is away) and never
+        show up in `messages()`. Each is acknowledged when this loop gets it; an offer taken
+        away before (canceled, expired, offered elsewhere) is skipped. With a task handler
+        (`handle_tasks`), the handler gets the offers instead. Ends when the agent is closed;
+        raises if the session is lost for good.
+        """
+        desk = self._session.desk
+        while (offer := await desk.next()) is not None:
+            yield offer
+
+    def on_task(self, handler: TH) -> TH:
+        """Decorator: work on every offered task with `handler` (see `handle_tasks`)."""
+        self.handle_tasks(handler)
+        return handler
+
+    def handle_tasks(self, handler: TaskHandler | None) -> None:
+        """Work on offered tasks with `async def handler(task) -> result` (`None` to stop).
+
+        Each offer is accepted, then the handler runs: its return value completes the task,
+        an exception fails it ("TypeName: text", not retryable). Inside, the handler can call
+        `task.progress(...)` and `await task.ask(...)`, or finish the task itself (`complete`,
+        `fail`). When the task is canceled, expires or goes to another agent, the handler is
+        cancelled. Handlers run concurrently, up to `ConnectOptions.max_concurrent_handlers`.
+        """
+        self._session.desk.set_handler(handler)
+
+    # ----------------------------------------------------------------- workflows
+    # coordinate, attach, get_workflow, list_workflows, cancel_workflow: see WorkflowMethods
+
+    def _workflow_calls(self) -> WorkflowCalls:
+        return WorkflowCalls(self._session.desk.calls.caller)
+
     # ----------------------------------------------------------------- lifecycle
 
     async def close(self) -> None:
@@ -378,22 +512,6 @@ class Agent:
         return f"<Agent {self._agent_id!r} at {self._session.target}>"
 
 
-class RetryKeys:
-    """Makes up transport-retry idempotency keys: "~", 12 random characters drawn once, and a
-    counter. The server scopes keys by sender and forgets "~" keys after its retry window, so
-    a key only has to differ from the sender's other keys of the last minutes: the counter
-    sees to that within a process, 72 random bits between processes (replicas, restarts)."""
-
-    __slots__ = ("_counter", "_prefix")
-
-    def __init__(self) -> None:
-        self._prefix = RETRY_KEY_PREFIX + secrets.token_urlsafe(9)
-        self._counter = itertools.count(1)
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
-
-
 def fill_send_options(
     send: messaging_pb2.SendMessage | messaging_pb2.SendRequest,
     ttl: float | None,
@@ -405,16 +523,7 @@ def fill_send_options(
         if not (ttl > 0 and math.isfinite(ttl)):
             raise InvalidArgumentError("ttl must be positive and finite", metadata={"field": "ttl"})
         send.ttl.FromNanoseconds(int(ttl * 1e9))
-    if idempotency_key is None:
-        idempotency_key = retry_key()
-    elif not idempotency_key or idempotency_key.startswith(RETRY_KEY_PREFIX):
-        why = (
-            "must not be empty (None: the SDK makes one up)"
-            if not idempotency_key
-            else f"must not start with {RETRY_KEY_PREFIX!r}, the mark of the SDK's own"
-            " short-lived retry keys"
-        )
-        raise InvalidArgumentError(f"idempotency_key {why}", metadata={"field": "idempotency_key"})
+    idempotency_key = _keys.idempotency_key(idempotency_key, retry_key)
     send.idempotency_key = idempotency_key
 
 

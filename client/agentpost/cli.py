@@ -8,6 +8,9 @@
     agentpost agents register coder --capability code # known before it first connects
     agentpost mailbox coder                           # messages waiting for coder
     agentpost deadletters --agent coder               # messages that expired undelivered
+    agentpost --as me handoff --to coder --title T --wait  # a task; prints its result
+    agentpost tasks --state working                   # tasks (see agentpost._taskcli)
+    agentpost workflow run examples/review.yaml       # live (see agentpost._workflow_cli)
     agentpost token create coder --capability code --tokens-file tokens.json
 
 Credentials: --token (or $AGENTPOST_TOKEN), --tls-ca, --tls-cert and --tls-key (or
@@ -30,23 +33,34 @@ import os
 import pathlib
 import secrets
 import sys
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
+from agentpost import _taskcli, _workflow_cli
+from agentpost._clikit import (
+    DEFAULT_SERVER,
+    Command,
+    add_globals,
+    cli_options,
+    fail,
+    header,
+    parse_payload,
+    positive,
+    positive_int,
+    print_table,
+    print_value,
+    time_text,
+    with_client,
+)
 from agentpost.agent import connect
 from agentpost.client import Client, Presence
-from agentpost.config import ConnectOptions
-from agentpost.errors import AgentpostError, InvalidArgumentError, UnavailableError
+from agentpost.errors import AgentpostError, UnavailableError
 from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULT_SERVER", "build_parser", "main", "parse_payload"]
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 _NOT_INSTALLED = "the server is not installed: pip install 'agentpost[server]'"
-
-Command = Callable[[argparse.Namespace], int]
-T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except AgentpostError as exc:
-        return _fail(exc.message)
+        return fail(exc.message)
     except BrokenPipeError:  # `agentpost listen | head`
         sys.stderr.close()
         return 1
@@ -70,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentpost", description="A gRPC message bus for AI agents."
     )
-    _add_globals(parser, suppress=False)
+    add_globals(parser, suppress=False)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     def command(name: str, run: Command, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_globals(sub, suppress=True)
+        add_globals(sub, suppress=True)
         sub.set_defaults(command=run)
         return sub
 
@@ -96,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("to", metavar="TO", help="the recipient agent id")
     _add_payload(send)
     send.add_argument(
-        "--ttl", type=_positive, metavar="S", help="dead-letter it if not delivered within S s"
+        "--ttl", type=positive, metavar="S", help="dead-letter it if not delivered within S s"
     )
     send.add_argument(
         "--idempotency-key",
@@ -105,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive,
         default=10.0,
         metavar="S",
         help="give up after S seconds of trying while the server is unavailable (default 10)",
@@ -123,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     request = command("request", _request, "Send a request and print the reply's payload.")
     request.add_argument("to", metavar="TO", help="the agent that should answer")
     _add_payload(request)
-    request.add_argument("--timeout", type=_positive, default=30.0, metavar="S", help="seconds")
+    request.add_argument("--timeout", type=positive, default=30.0, metavar="S", help="seconds")
 
     listen = command("listen", _listen, "Print messages as they arrive, one per line.")
     listen.add_argument(
@@ -132,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--broadcasts", action="store_true", help="receive broadcasts too (without --as)"
     )
-    listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+    listen.add_argument("--count", type=positive_int, metavar="N", help="exit after N messages")
 
     agents = command("agents", _agents, "List the known agents, or register one.")
     agents.add_argument("--capability", metavar="C", help="only agents with this capability")
@@ -142,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     agents_commands = agents.add_subparsers(title="commands", metavar="COMMAND")
     register_help = "Make an agent id known before it connects, so messages to it are kept."
     register = agents_commands.add_parser("register", help=register_help, description=register_help)
-    _add_globals(register, suppress=True)
+    add_globals(register, suppress=True)
     register.set_defaults(command=_register)
     register.add_argument("id", metavar="ID", help="the agent id")
     register.add_argument(
@@ -165,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         " --tokens-file (or printed). With --jwt, a JWT signed with $AGENTPOST_JWT_SECRET."
     )
     create = token_commands.add_parser("create", help=create_help, description=create_help)
-    _add_globals(create, suppress=True)
+    add_globals(create, suppress=True)
     create.set_defaults(command=_token_create)
     create.add_argument("id", metavar="AGENT_ID", help="the agent the token names")
     for flag, dest, what in (
@@ -177,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         create.add_argument(
             flag, dest=dest, action="append", default=[], metavar="X", help=f"{what} (repeat)"
         )
-    create.add_argument("--ttl", type=_positive, metavar="S", help="expires after S seconds")
+    create.add_argument("--ttl", type=positive, metavar="S", help="expires after S seconds")
     create.add_argument("--tokens-file", metavar="PATH", help="append the entry to this JSON file")
     create.add_argument(
         "--jwt", action="store_true", help="make a JWT (HS256, $AGENTPOST_JWT_SECRET; --ttl 3600)"
@@ -186,52 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     dead = command("deadletters", _deadletters, "List messages that expired undelivered.")
     dead.add_argument("--agent", metavar="ID", help="only those for this agent")
     dead.add_argument(
-        "--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)"
+        "--limit", type=positive_int, default=100, metavar="N", help="at most N (default 100)"
     )
+    _taskcli.add_commands(command)
+    _workflow_cli.add_commands(command)
     return parser
-
-
-def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    # Accepted before and after the command; a subcommand only overrides what it was given.
-    def default(value: Any) -> Any:
-        return argparse.SUPPRESS if suppress else value
-
-    parser.add_argument(
-        "--server",
-        metavar="ADDR",
-        default=default(os.environ.get("AGENTPOST_SERVER") or DEFAULT_SERVER),
-        help=f"server address (default: $AGENTPOST_SERVER or {DEFAULT_SERVER})",
-    )
-    parser.add_argument(
-        "--json", action="store_true", default=default(False), help="machine-readable output"
-    )
-    parser.add_argument(
-        "--as",
-        dest="agent_id",
-        metavar="AGENT_ID",
-        default=default(None),
-        help="act as this agent (default: the token's, else anonymous)",
-    )
-    parser.add_argument(
-        "--token",
-        metavar="TOKEN",
-        default=default(os.environ.get("AGENTPOST_TOKEN")),
-        help="bearer token (default: $AGENTPOST_TOKEN)",
-    )
-    for flag, env, what in (
-        ("--tls-ca", "AGENTPOST_TLS_CA", "PEM CA bundle that verifies the server"),
-        ("--tls-cert", "AGENTPOST_TLS_CLIENT_CERT", "PEM client certificate (mutual TLS)"),
-        ("--tls-key", "AGENTPOST_TLS_CLIENT_KEY", "PEM key of the client certificate"),
-    ):
-        parser.add_argument(
-            flag, metavar="FILE", default=default(os.environ.get(env)), help=f"{what} (${env})"
-        )
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        default=default(os.environ.get("AGENTPOST_TLS", "").lower() in ("1", "true", "yes")),
-        help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert; $AGENTPOST_TLS)",
-    )
 
 
 def _add_payload(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
@@ -240,48 +213,9 @@ def _add_payload(parser: argparse.ArgumentParser, *, positional: bool = True) ->
             "payload", metavar="PAYLOAD", help="JSON if it parses, else a string; - reads stdin"
         )
     parser.add_argument(
-        "--header", action="append", default=[], metavar="K=V", type=_header, help="(repeat)"
+        "--header", action="append", default=[], metavar="K=V", type=header, help="(repeat)"
     )
     parser.add_argument("--raw", action="store_true", help="send PAYLOAD as a string, never JSON")
-
-
-def _header(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
-    return key, value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def parse_payload(text: str, *, raw: bool = False) -> Any:
-    """The payload of a command line argument: JSON if it parses (and not `raw`), else the text."""
-    if text == "-":
-        text = sys.stdin.read()
-    if raw:
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 # ------------------------------------------------------------------------- commands
@@ -291,7 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from agentpost_server.app import serve_main
     except ModuleNotFoundError:
-        return _fail(_NOT_INSTALLED)
+        return fail(_NOT_INSTALLED)
     return serve_main(
         listen=args.listen,
         redis_url=args.redis_url,
@@ -304,12 +238,12 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         from agentpost_server.app import worker_main
     except ModuleNotFoundError:
-        return _fail(_NOT_INSTALLED)
+        return fail(_NOT_INSTALLED)
     return worker_main(redis_url=args.redis_url)
 
 
 def _no_subcommand(args: argparse.Namespace) -> int:
-    return _fail("token needs a command: token create AGENT_ID ...", status=2)
+    return fail("token needs a command: token create AGENT_ID ...", status=2)
 
 
 def _token_create(args: argparse.Namespace) -> int:
@@ -317,7 +251,7 @@ def _token_create(args: argparse.Namespace) -> int:
         from agentpost_server.auth import tokens
         from agentpost_server.core.auth import Principal
     except ModuleNotFoundError:
-        return _fail(_NOT_INSTALLED)
+        return fail(_NOT_INSTALLED)
     try:
         principal = Principal(
             agent_id=args.id,
@@ -328,11 +262,11 @@ def _token_create(args: argparse.Namespace) -> int:
         )
         tokens.principal_from_claims(args.id, tokens.entry_json("", principal), "the token")
     except (ValueError, AgentpostError) as exc:
-        return _fail(getattr(exc, "message", str(exc)), status=2)
+        return fail(getattr(exc, "message", str(exc)), status=2)
     if args.jwt:
         secret = os.environ.get("AGENTPOST_JWT_SECRET", "")
         if len(secret) < 32:
-            return _fail("--jwt signs with $AGENTPOST_JWT_SECRET (at least 32 characters)")
+            return fail("--jwt signs with $AGENTPOST_JWT_SECRET (at least 32 characters)")
         from agentpost_server.auth import jwts
 
         token = jwts.create(
@@ -351,7 +285,7 @@ def _token_create(args: argparse.Namespace) -> int:
         try:
             tokens.append_entry(pathlib.Path(args.tokens_file), entry)
         except (OSError, ValueError) as exc:
-            return _fail(f"cannot update {args.tokens_file}: {exc}")
+            return fail(f"cannot update {args.tokens_file}: {exc}")
     if args.json:
         print(json.dumps({"token": token, "entry": entry}))
         return 0
@@ -365,7 +299,7 @@ def _token_create(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     payload = parse_payload(args.payload, raw=args.raw)
-    options = _options(args, request_timeout=args.timeout)
+    options = cli_options(args, request_timeout=args.timeout)
 
     # A key of our own, not the SDK's short-lived retry key: the error below offers it for a
     # later retry (one stored key per CLI send is cheap).
@@ -379,12 +313,12 @@ def _send(args: argparse.Namespace) -> int:
         )
 
     try:
-        message_id = _with_client(args, run, options)
+        message_id = with_client(args, run, options)
     except UnavailableError as exc:
         key = exc.metadata.get("idempotency_key")
         if key is None:
             raise
-        return _fail(f"{exc.message} (to retry safely: --idempotency-key {key})")
+        return fail(f"{exc.message} (to retry safely: --idempotency-key {key})")
     return _print_id(args, message_id)
 
 
@@ -392,7 +326,7 @@ def _publish(args: argparse.Namespace) -> int:
     expected = 1 if args.broadcast else 2
     if len(args.args) != expected:
         usage = "PAYLOAD with --broadcast" if args.broadcast else "TOPIC PAYLOAD"
-        return _fail(f"publish takes {usage}", status=2)
+        return fail(f"publish takes {usage}", status=2)
     payload = parse_payload(args.args[-1], raw=args.raw)
     headers = dict(args.header)
 
@@ -401,7 +335,7 @@ def _publish(args: argparse.Namespace) -> int:
             return await client.broadcast(payload, headers=headers)
         return await client.publish(args.args[0], payload, headers=headers)
 
-    return _print_id(args, _with_client(args, run))
+    return _print_id(args, with_client(args, run))
 
 
 def _request(args: argparse.Namespace) -> int:
@@ -412,22 +346,17 @@ def _request(args: argparse.Namespace) -> int:
             args.to, payload, timeout=args.timeout, headers=dict(args.header)
         )
 
-    reply = _with_client(args, run)
+    reply = with_client(args, run)
     if args.json:
         print(json.dumps(message_json(reply), ensure_ascii=False))
-    elif isinstance(reply.payload, bytes):
-        sys.stdout.buffer.write(reply.payload)
-        sys.stdout.flush()
-    elif isinstance(reply.payload, str):
-        print(reply.payload)
     else:
-        print(json.dumps(reply.payload, ensure_ascii=False, indent=2))
+        print_value(reply.payload)
     return 0
 
 
 def _listen(args: argparse.Namespace) -> int:
     if args.agent_id is None and not args.topic and not args.broadcasts:
-        return _fail("listen needs --as AGENT_ID, or --topic/--broadcasts", status=2)
+        return fail("listen needs --as AGENT_ID, or --topic/--broadcasts", status=2)
     return asyncio.run(_listen_async(args))
 
 
@@ -448,12 +377,12 @@ async def _listen_async(args: argparse.Namespace) -> int:
 async def _receive(args: argparse.Namespace) -> AsyncGenerator[Message, None]:
     if args.agent_id is not None:
         async with connect(
-            args.server, agent_id=args.agent_id, subscriptions=args.topic, options=_options(args)
+            args.server, agent_id=args.agent_id, subscriptions=args.topic, options=cli_options(args)
         ) as agent:
             async for message in agent.messages():
                 yield message
         return
-    async with Client(args.server, options=_options(args)) as client:
+    async with Client(args.server, options=cli_options(args)) as client:
         stream = client.subscribe(args.topic, broadcasts=args.broadcasts)
         async with contextlib.aclosing(stream):
             async for message in stream:
@@ -466,7 +395,7 @@ def _agents(args: argparse.Namespace) -> int:
     async def run(client: Client) -> list[AgentInfo]:
         return await client.list_agents(capability=args.capability, presence=presence)
 
-    agents = _with_client(args, run)
+    agents = with_client(args, run)
     if args.json:
         print(json.dumps([agent_json(agent) for agent in agents], ensure_ascii=False))
         return 0
@@ -478,7 +407,7 @@ def _register(args: argparse.Namespace) -> int:
     async def run(client: Client) -> AgentInfo:
         return await client.register_agent(args.id, capabilities=args.capabilities)
 
-    agent = _with_client(args, run)
+    agent = with_client(args, run)
     if args.json:
         print(json.dumps(agent_json(agent), ensure_ascii=False))
     else:
@@ -490,12 +419,12 @@ def _mailbox(args: argparse.Namespace) -> int:
     async def run(client: Client) -> MailboxInfo:
         return await client.get_mailbox(args.id)
 
-    mailbox = _with_client(args, run)
+    mailbox = with_client(args, run)
     if args.json:
         print(json.dumps(mailbox_json(mailbox), ensure_ascii=False))
         return 0
     oldest = mailbox.oldest_at.isoformat(timespec="seconds") if mailbox.oldest_at else "-"
-    _print_table(
+    print_table(
         [
             ("AGENT", "DEPTH", "UNACKED", "OLDEST", "DEAD LETTERS"),
             (
@@ -514,7 +443,7 @@ def _deadletters(args: argparse.Namespace) -> int:
     async def run(client: Client) -> list[DeadLetter]:
         return await client.list_dead_letters(agent_id=args.agent, limit=args.limit)
 
-    letters = _with_client(args, run)
+    letters = with_client(args, run)
     if args.json:
         print(json.dumps([dead_letter_json(letter) for letter in letters], ensure_ascii=False))
         return 0
@@ -523,7 +452,7 @@ def _deadletters(args: argparse.Namespace) -> int:
         message = letter.message
         dead_at = letter.dead_at.isoformat(timespec="seconds") if letter.dead_at else "-"
         rows.append((dead_at, message.id, message.sender, _target(message), letter.reason))
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -534,15 +463,7 @@ def _print_agents(agents: Sequence[AgentInfo]) -> None:
         caps = ",".join(agent.capabilities) or "-"
         online = "yes" if agent.online else "no"
         rows.append((agent.agent_id, online, str(agent.sessions), str(agent.pending), caps, seen))
-    _print_table(rows)
-
-
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    print_table(rows)
 
 
 # ------------------------------------------------------------------------- output
@@ -584,10 +505,6 @@ def _target(message: Message) -> str:
     return message.to or (f"#{message.topic}" if message.topic else "*")
 
 
-def _time(value: datetime.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 def agent_json(agent: AgentInfo) -> dict[str, Any]:
     return {
         "agent_id": agent.agent_id,
@@ -595,9 +512,9 @@ def agent_json(agent: AgentInfo) -> dict[str, Any]:
         "metadata": agent.metadata,
         "online": agent.online,
         "sessions": agent.sessions,
-        "connected_since": _time(agent.connected_since),
-        "last_seen": _time(agent.last_seen),
-        "first_seen": _time(agent.first_seen),
+        "connected_since": time_text(agent.connected_since),
+        "last_seen": time_text(agent.last_seen),
+        "first_seen": time_text(agent.first_seen),
         "pending": agent.pending,
     }
 
@@ -607,7 +524,7 @@ def mailbox_json(mailbox: MailboxInfo) -> dict[str, Any]:
         "agent_id": mailbox.agent_id,
         "depth": mailbox.depth,
         "unacknowledged": mailbox.unacknowledged,
-        "oldest_at": _time(mailbox.oldest_at),
+        "oldest_at": time_text(mailbox.oldest_at),
         "dead_lettered": mailbox.dead_lettered,
     }
 
@@ -616,43 +533,10 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
     return {
         "message": message_json(letter.message),
         "reason": letter.reason,
-        "dead_at": _time(letter.dead_at),
+        "dead_at": time_text(letter.dead_at),
     }
-
-
-def _with_client(
-    args: argparse.Namespace,
-    run: Callable[[Client], Coroutine[Any, Any, T]],
-    options: ConnectOptions | None = None,
-) -> T:
-    async def go() -> T:
-        opts = options or _options(args)
-        async with Client(args.server, agent_id=args.agent_id, options=opts) as client:
-            return await run(client)
-
-    return asyncio.run(go())
-
-
-def _options(args: argparse.Namespace, **overrides: Any) -> ConnectOptions:
-    """ConnectOptions with the credentials of the command line (or environment)."""
-    try:
-        return ConnectOptions(
-            token=args.token or None,
-            tls=args.tls,
-            tls_ca=args.tls_ca or None,
-            tls_cert=args.tls_cert or None,
-            tls_key=args.tls_key or None,
-            **overrides,
-        )
-    except ValueError as exc:
-        raise InvalidArgumentError(str(exc)) from None
 
 
 def _print_id(args: argparse.Namespace, message_id: str) -> int:
     print(json.dumps({"message_id": message_id}) if args.json else message_id)
     return 0
-
-
-def _fail(message: str, *, status: int = 1) -> int:
-    print(f"agentpost: error: {message}", file=sys.stderr)
-    return status

@@ -8,28 +8,39 @@ async with agentpost.Client("127.0.0.1:50051", agent_id="script") as client:
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+import contextlib
+import datetime
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import grpc
 
-from agentpost import _status
-from agentpost.agent import RetryKeys, fill_send_options
+from agentpost import _keys, _status
+from agentpost._caller import AGENT_ID_METADATA, Caller
+from agentpost._keys import RetryKeys
+from agentpost._taskcalls import TaskCalls
+from agentpost._workflowapi import WorkflowMethods
+from agentpost._workflowcalls import WorkflowCalls
+from agentpost.agent import fill_send_options
+from agentpost.audit import AuditRecord
 from agentpost.config import ConnectOptions
 from agentpost.errors import InvalidArgumentError, UnavailableError
+from agentpost.handle import TaskHandle
 from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message, agent_info_from_proto
 from agentpost.payload import fill_headers, fill_payload, fill_struct
+from agentpost.tasks import TaskEvent, TaskInfo, TaskState, build_spec
 from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
 
 __all__ = ["AGENT_ID_METADATA", "Client", "Presence"]
-
-#: The request metadata that names the calling agent on unary calls.
-AGENT_ID_METADATA = "agentpost-agent-id"
 
 Presence = Literal["all", "online", "offline"]
 _PRESENCE = {
@@ -41,10 +52,8 @@ _REQUEST_MARGIN = 1.0
 _MAX_DEAD_LETTERS = 1000
 T = TypeVar("T")
 
-logger = logging.getLogger(__name__)
 
-
-class Client:
+class Client(WorkflowMethods):
     """Unary calls to the server at `target`, as `agent_id` ("anonymous" when not given; with
     `options.token`, the token's agent, and an `agent_id` naming another one is refused).
 
@@ -58,11 +67,11 @@ class Client:
         self.target = target
         self.agent_id = agent_id
         self.options = options or ConnectOptions()
-        self._metadata: tuple[tuple[str, str], ...] = (
-            ((AGENT_ID_METADATA, agent_id),) if agent_id else ()
-        ) + self.options.call_metadata()
         self._channel: grpc.aio.Channel | None = None
         self._stub: messaging_pb2_grpc.AgentMessagingAsyncStub | None = None
+        self._caller = Caller(self._get_stub, agent_id=agent_id, options=self.options)
+        self._metadata = self._caller.metadata
+        self._tasks = TaskCalls(self._caller)
         self._retry_key = RetryKeys()
 
     def _get_stub(self) -> messaging_pb2_grpc.AgentMessagingAsyncStub:
@@ -73,28 +82,12 @@ class Client:
         return self._stub
 
     async def _call(self, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except grpc.RpcError as exc:
-            raise _status.from_rpc_error(exc) from None
+        return await self._caller.call(call)
 
     async def _call_retrying(self, invoke: Callable[[float], Awaitable[T]]) -> T:
-        """Call `invoke(timeout)` until it answers, again (with backoff) after every
-        `UnavailableError`, within `request_timeout` in all. Only for idempotent calls."""
-        options = self.options
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + options.request_timeout
-        backoff = options.reconnect_initial_backoff
-        while True:
-            try:
-                return await self._call(invoke(max(0.0, deadline - loop.time())))
-            except UnavailableError as exc:
-                delay = backoff * random.uniform(0.5, 1.5)
-                if loop.time() + delay >= deadline:
-                    raise
-                logger.info("calling again in %.2fs: %s", delay, exc.message)
-            await asyncio.sleep(delay)
-            backoff = min(backoff * 2, options.reconnect_max_backoff)
+        """Call `invoke(timeout)` again after every `UnavailableError`, within
+        `request_timeout` (see `Caller.call_retrying`). Only for idempotent calls."""
+        return await self._caller.call_retrying(invoke)
 
     async def send(
         self,
@@ -295,6 +288,86 @@ class Client:
             raise _status.from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    # ----------------------------------------------------------------- tasks
+
+    async def handoff(
+        self,
+        to: str | None = None,
+        *,
+        capability: str | None = None,
+        title: str,
+        description: str = "",
+        input: Any = None,
+        context: Mapping[str, Any] | None = None,
+        references: Mapping[str, str] | None = None,
+        priority: int = 0,
+        deadline: datetime.datetime | datetime.timedelta | float | None = None,
+        accept_timeout: float | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle:
+        """Hand a task off as this client's agent id; its handle. See `Agent.handoff`: the
+        arguments, the idempotency key and the errors are the same."""
+        spec = build_spec(
+            to=to,
+            capability=capability,
+            title=title,
+            description=description,
+            input=input,
+            context=context,
+            references=references,
+            priority=priority,
+            deadline=deadline,
+            accept_timeout=accept_timeout,
+            max_attempts=max_attempts,
+        )
+        key = _keys.idempotency_key(idempotency_key, self._retry_key)
+        return await TaskHandle.hand_off(self._tasks, spec, key)
+
+    def task_handle(self, task_id: str) -> TaskHandle:
+        """The handle of a task, by id (`result()`, `events()`, `cancel()`...)."""
+        return TaskHandle(self._tasks, task_id)
+
+    async def get_task(self, task_id: str, *, history: bool = False) -> TaskInfo:
+        """A task as the server knows it (with every event, with `history`);
+        `TaskNotFoundError`."""
+        return await self._tasks.get(task_id, history=history)
+
+    async def watch_task(self, task_id: str, after_seq: int = 0) -> AsyncGenerator[TaskEvent, None]:
+        """A task's events after `after_seq`, as they come, ending after the terminal one
+        (see `TaskHandle.events`)."""
+        async with contextlib.aclosing(self._tasks.watch(task_id, after_seq)) as events:
+            async for event in events:
+                yield event
+
+    async def cancel_task(self, task_id: str, reason: str = "") -> TaskInfo:
+        """Cancel a task (its originator only); the task after it."""
+        return await self._tasks.cancel(task_id, reason)
+
+    async def list_tasks(
+        self,
+        *,
+        dead: bool = False,
+        states: Sequence[TaskState | str] = (),
+        originator: str | None = None,
+        assignee: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        """Tasks, newest first, without history (see `Agent.list_tasks`)."""
+        return await self._tasks.list_tasks(
+            dead=dead, states=states, originator=originator, assignee=assignee, limit=limit
+        )
+
+    async def audit(self, subject: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        """The audit trail, newest first: about `subject`, or everything; at most `limit`."""
+        return await self._tasks.audit(subject, limit)
+
+    # ----------------------------------------------------------------- workflows
+    # coordinate, attach, get_workflow, list_workflows, cancel_workflow: see WorkflowMethods
+
+    def _workflow_calls(self) -> WorkflowCalls:
+        return WorkflowCalls(self._caller)
 
     async def close(self) -> None:
         """Close the channel (idempotent)."""

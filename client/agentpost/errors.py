@@ -29,6 +29,12 @@ them again on the other side of the wire).
     └── InternalError                   INTERNAL          INTERNAL
 
 `agentpost._status` holds the one table that ties each class to its reason and status.
+
+One more `AgentpostError` never travels on the wire, so it is not in that table:
+`agentpost.tasks.TaskFailedError`, raised by `TaskHandle.result()` for a task that ended without
+a result (failed, rejected, canceled, expired). Likewise
+`agentpost.workflow_run.WorkflowFailedError`, raised by `RunHandle.result()` for a workflow run
+that failed or was canceled.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Deliveries go to the `Inbox` (duplicates are dropped there, and acknowledgements
 `ConnectOptions.ack_mode` says); the link's writer adds the acknowledgements due to its frames.
 With `state_path`, a `StateKeeper` keeps the instance id and the handled ids on disk (see
 `_statefile`).
+
+Task offers and news (TASK_OFFER, TASK_UPDATE deliveries) go to the `TaskDesk` instead (see
+`_desk`), never to the inbox; the task RPCs are unary calls on the same channel (`Caller`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 
 import grpc
 
+from agentpost._caller import Caller
+from agentpost._desk import TaskDesk
 from agentpost._inbox import Inbox
 from agentpost._link import (
     ConnectCall,
@@ -39,6 +44,7 @@ from agentpost._link import (
     reply_operation_id,
 )
 from agentpost._statefile import KEPT_IDS, StateFile, StateKeeper
+from agentpost._taskcalls import TaskCalls
 from agentpost.config import ConnectOptions
 from agentpost.errors import (
     AgentpostError,
@@ -51,7 +57,7 @@ from agentpost.errors import (
 )
 from agentpost.message import Message
 from agentpost.payload import fill_headers, fill_payload
-from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2
+from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2, messaging_pb2_grpc
 
 __all__ = ["RequestHandler", "Session"]
 
@@ -67,6 +73,7 @@ _RETRYABLE = (UnavailableError, InternalError, RequestTimeoutError)
 _REQUEST_MARGIN = 1.0  # the client-side timer of a request fires this long after the server's
 _CLOSE_GRACE = 1.0  # how long close() waits for the server to end the stream after a goodbye
 _MAX_ERROR_TEXT = 2048
+_TASK_KINDS = (envelope_pb2.MESSAGE_KIND_TASK_OFFER, envelope_pb2.MESSAGE_KIND_TASK_UPDATE)
 
 
 class Session:
@@ -87,6 +94,13 @@ class Session:
         self._connect: grpc.aio.StreamStreamMultiCallable[bytes, messaging_pb2.ConnectResponse]
         self._connect = self._channel.stream_stream(
             _CONNECT_METHOD, None, messaging_pb2.ConnectResponse.FromString
+        )
+        stub = messaging_pb2_grpc.AgentMessagingStub(self._channel)
+        #: The unary calls of this agent, on the session's channel.
+        self.caller = Caller(lambda: stub, agent_id=introduce.agent_id, options=options)
+        #: Task offers and news from the mailbox (never shown by `messages()`).
+        self.desk = TaskDesk(
+            TaskCalls(self.caller), agent_id=introduce.agent_id, inbox=self.inbox, options=options
         )
         self._link: Link | None = None
         self._ready = asyncio.Event()
@@ -185,6 +199,7 @@ class Session:
         self._fail(ConnectionLostError("the agent is closed"), report=False)
         current = asyncio.current_task()
         try:
+            await self.desk.close()
             supervisor = self._supervisor
             if supervisor is not None and supervisor is not current:
                 supervisor.cancel()  # no new streams from now on
@@ -254,6 +269,7 @@ class Session:
         self._failure = error
         self._ready.set()
         self.inbox.end(error if report else None)
+        self.desk.end(error if report else None)
 
     async def _supervise(self, link: Link) -> None:
         try:
@@ -457,7 +473,11 @@ class Session:
         if self._closed:
             return  # neither shown nor acknowledged: the server delivers it again later
         envelope = event.delivery
-        if envelope.kind != envelope_pb2.MESSAGE_KIND_REQUEST:
+        kind = envelope.kind
+        if kind in _TASK_KINDS:
+            self.desk.deliver(event)
+            return
+        if kind != envelope_pb2.MESSAGE_KIND_REQUEST:
             await self.inbox.deliver(event)
             return
         # Requests carry no delivery id: they are answered, not acknowledged.

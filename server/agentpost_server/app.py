@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from agentpost.errors import AgentpostError
 from agentpost.v1 import messaging_pb2
+from agentpost_server import compose
 from agentpost_server.auth.setup import ConfigurationError, authenticator
 from agentpost_server.core.auth import Guard
 from agentpost_server.core.hub import Hub
@@ -84,10 +85,11 @@ class App:
         self._bus = RedisBus(
             self._redis, keys, self.server_id, writer, broadcast_retention=s.broadcast_retention
         )
+        presence = RedisPresence(self._redis, keys)
         self.hub = hub = Hub(
             server_id=self.server_id,
             bus=self._bus,
-            presence=RedisPresence(self._redis, keys),
+            presence=presence,
             mailboxes=RedisMailboxes(
                 self._redis,
                 keys,
@@ -101,13 +103,18 @@ class App:
             guard=guard,
             rate=RateLimiter(s.rate_limit, s.rate_burst),
         )
+        hub.tasks = tasks = compose.tasks(s, self._redis, keys, presence, self._bus.wake)
+        hub.workflows = workflows = compose.workflows(s, self._redis, keys, tasks)
         await self._bus.start(hub)
         await hub.heartbeat()
 
         self._server = server = grpc.aio.server(options=_grpc_options(s))
         mtls = s.tls_client_ca is not None
         call_auth = CallAuth(checker, guard, mtls=mtls)
-        add_to_server(AgentMessagingServicer(hub, call_auth), server)
+        servicer = AgentMessagingServicer(
+            hub, call_auth, tasks, workflows, compose.audit(s, self._redis, keys)
+        )
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
@@ -211,9 +218,9 @@ class App:
                 log.warning("upkeep: %s", exc)
 
     async def _run_worker(self) -> None:
-        from agentpost_server.jobs.worker import build_worker, run_worker
+        from agentpost_server.jobs.worker import build_workers, run_workers
 
-        await run_worker(build_worker(self.settings, self.redis_url, handle_signals=False))
+        await run_workers(build_workers(self.settings, self.redis_url))
 
 
 def _limits(s: Settings) -> Limits:
@@ -297,14 +304,23 @@ def serve_main(
 
 def worker_main(*, redis_url: str | None = None) -> int:
     """`agentpost worker`: only the arq worker (the server processes run with --no-worker)."""
-    from agentpost_server.jobs.worker import build_worker
-
     settings = _settings(redis_url=redis_url)
     configure_logging(settings.log_level, settings.log_format)
     if not settings.redis_url:
         log.error("agentpost worker needs AGENTPOST_REDIS_URL (the embedded Valkey lives in serve)")
         return 1
-    worker = build_worker(settings, settings.redis_url, handle_signals=True)
     with contextlib.suppress(KeyboardInterrupt):
-        worker.run()
+        asyncio.run(_work(settings, settings.redis_url))
     return 0
+
+
+async def _work(settings: Settings, redis_url: str) -> None:
+    from agentpost_server.jobs.worker import build_workers, run_workers
+
+    work = asyncio.create_task(run_workers(build_workers(settings, redis_url)))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, work.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    log.info("worker stopped")

@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     max_unacked: int = Field(1_000, gt=0, description="default per-session delivery window")
     broadcast_retention: int = Field(100_000, gt=0, description="broadcasts kept for catch-up")
     sweep_interval: float = Field(30.0, gt=0, description="seconds between mailbox expiry sweeps")
+    task_accept_timeout: float = Field(
+        30.0, gt=0, description="seconds an assignee has to accept an offer"
+    )
+    task_max_attempts: int = Field(3, ge=1, le=100, description="default attempts per task")
+    task_offline_grace: float = Field(
+        30.0, gt=0, description="seconds a working assignee may be offline before reassignment"
+    )
+    task_retry_backoff: float = Field(1.0, gt=0, description="first retry delay, doubling, s")
+    task_retry_backoff_max: float = Field(60.0, gt=0, description="longest retry delay, s")
+    task_retention: float = Field(
+        7 * 86400.0, gt=0, description="seconds a finished task stays readable"
+    )
+    max_workflow_steps: int = Field(500, gt=0, description="steps per workflow definition")
     audit_retention: int = Field(1_000_000, gt=0, description="audit records kept (about)")
     max_headers: int = Field(64, gt=0, description="headers per message")
     max_header_bytes: int = Field(16 << 10, gt=0, description="total size of a message's headers")
@@ -47,7 +60,6 @@ class Settings(BaseSettings):
         20_000.0, ge=0, description="messages a second per agent and server process (0: off)"
     )
     rate_burst: int = Field(40_000, gt=0, description="messages an agent may send at once")
-    max_workflow_steps: int = Field(500, gt=0, description="steps of one workflow definition")
     # ---- transport security and authentication
     plaintext: bool = Field(False, description="serve without TLS (local development only)")
     tls_cert: Path | None = Field(None, description="PEM certificate chain of the server")

@@ -46,7 +46,10 @@ class RawAgent:
         op = messaging_pb2.ClientOperation(operation_id="intro")
         op.introduce.agent_id = self.agent_id
         for key, value in self.introduce.items():
-            setattr(op.introduce, key, value)
+            if isinstance(value, list):
+                getattr(op.introduce, key).extend(value)
+            else:
+                setattr(op.introduce, key, value)
         yield messaging_pb2.ConnectRequest(operations=[op])
         while (item := await self._outbox.get()) is not None:
             yield messaging_pb2.ConnectRequest(operations=[item])

@@ -352,3 +352,41 @@ async def test_jwt_signed_with_a_private_key(start_server: StartServer, tmp_path
         async with agentpost.Client(_target(app), options=_opts(bad)) as client:
             with pytest.raises(UnauthenticatedError):
                 await client.list_agents()
+
+
+async def test_another_agents_task_and_workflow_are_out_of_reach_but_admin_may(
+    secured: App, issued: dict[str, str], audit: RedisAudit
+) -> None:
+    """bob hands a task to alice and starts a run; alice may work on the task but neither
+    cancel it nor see bob's run; root (admin) may cancel both."""
+    target = _target(secured)
+    async with (
+        agentpost.connect(target, agent_id="alice", options=_opts(issued["alice"])),
+        agentpost.Client(target, options=_opts(issued["bob"])) as bob,
+        agentpost.Client(target, options=_opts(issued["alice"])) as alice,
+        agentpost.Client(target, options=_opts(issued["root"])) as root,
+    ):
+        handle = await bob.handoff("alice", title="bob's task")
+        with pytest.raises(PermissionDeniedError):
+            await alice.cancel_task(handle.id, "not mine to cancel")
+        assert (await _denied_in_audit(secured, audit, "alice", handle.id))["attempt"] == (
+            "cancel_task"
+        )
+        assert (await alice.get_task(handle.id)).originator == "bob"  # its assignee may look
+        run = await bob.coordinate(
+            {
+                "run_id": "bobs-run",
+                "steps": [{"id": "s", "capability": "nobody-has-it", "title": "waits"}],
+            }
+        )
+        assert run.id == "bobs-run"
+        with pytest.raises(PermissionDeniedError):
+            await alice.get_workflow("bobs-run")
+        with pytest.raises(PermissionDeniedError):
+            await alice.cancel_workflow("bobs-run")
+        assert (await _denied_in_audit(secured, audit, "alice", "bobs-run"))["attempt"] in (
+            "get_workflow",
+            "cancel_workflow",
+        )
+        assert (await root.cancel_task(handle.id, "admin")).state.value == "canceled"
+        assert (await root.cancel_workflow("bobs-run", "admin")).state.value == "canceled"

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, Phase, given, reject, seed, settings
 from hypothesis import strategies as st
 
 import agentpost
-from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2, payload_pb2
+from agentpost.v1 import envelope_pb2, errors_pb2, messaging_pb2, payload_pb2, tasks_pb2
 from agentpost_server.auth import tokens as tokens_file
 from agentpost_server.core.auth import Principal
 from tests.conftest import StartServer
@@ -67,6 +67,12 @@ UNARY = (
     "RegisterAgent",
     "GetMailbox",
     "ListDeadLetters",
+    "Handoff",
+    "GetTask",
+    "CancelTask",
+    "UpdateTask",
+    "ListTasks",
+    "ListAudit",
 )
 WELL_BEHAVED = ("alice", "bob")  # the SDK pair: fuzzed sessions never take these names
 EVIL = "evil"  # a raw responder that answers every request with a hostile reply
@@ -294,9 +300,74 @@ def _unary_requests(draw: st.DrawFn, method: str) -> bytes:
         return register.SerializeToString()
     if method == "GetMailbox":
         return messaging_pb2.GetMailboxRequest(agent_id=draw(_agent_ids)).SerializeToString()
+    if method.endswith("Task") or method in ("Handoff", "ListTasks", "ListAudit"):
+        return draw(_task_requests(method))
     limit = draw(_int32)
     dead = messaging_pb2.ListDeadLettersRequest(agent_id=draw(_agent_ids), limit=limit)
     return dead.SerializeToString()
+
+
+_task_ids = st.one_of(st.sampled_from(["", "01JZZZZZZZZZZZZZZZZZZZZZZZ", "x"]), _strings)
+
+
+@st.composite
+def _task_specs(draw: st.DrawFn) -> tasks_pb2.TaskSpec:
+    spec = tasks_pb2.TaskSpec()
+    target = draw(st.sampled_from(["agent", "capability", "none"]))
+    if target == "agent":  # never the well-behaved pair: offers would land in their mailboxes
+        spec.agent_id = draw(_fuzz_ids)
+    elif target == "capability":
+        spec.capability = draw(st.one_of(_strings, st.just("fuzzcap")))
+    spec.title = draw(st.one_of(st.just("a task"), _strings))
+    spec.description = draw(_strings)
+    _copy(spec.input, draw(_payloads()))
+    _copy(spec.context, draw(_structs))
+    spec.references.update(draw(_headers))
+    spec.priority = draw(_int32)
+    spec.max_attempts = draw(_int32)
+    if draw(st.booleans()):
+        spec.deadline.seconds = draw(st.integers(-(2**40), 2**40))
+    _set_duration(spec.accept_timeout, draw(_durations()))
+    return spec
+
+
+@st.composite
+def _task_requests(draw: st.DrawFn, method: str) -> bytes:
+    message: Message
+    if method == "Handoff":
+        message = tasks_pb2.HandoffRequest(idempotency_key=draw(_strings))
+        _copy(message.spec, draw(_task_specs()))
+    elif method == "GetTask":
+        message = tasks_pb2.GetTaskRequest(task_id=draw(_task_ids), history=draw(st.booleans()))
+    elif method == "CancelTask":
+        message = tasks_pb2.CancelTaskRequest(task_id=draw(_task_ids), reason=draw(_strings))
+    elif method == "UpdateTask":
+        message = tasks_pb2.UpdateTaskRequest(task_id=draw(_task_ids), attempt=draw(_int32))
+        action = draw(
+            st.sampled_from(
+                ["accept", "reject", "progress", "request_input", "complete", "fail", "input", ""]
+            )
+        )
+        if action == "progress":
+            message.progress.message = draw(_strings)
+            message.progress.percent = draw(_int32)
+            message.progress.has_percent = draw(st.booleans())
+        elif action == "complete":
+            _copy(message.complete.result, draw(_payloads()))
+        elif action == "input":
+            _copy(message.input.payload, draw(_payloads()))
+        elif action == "request_input":
+            _copy(message.request_input.payload, draw(_payloads()))
+        elif action:
+            getattr(message, action).SetInParent()
+    elif method == "ListTasks":
+        message = tasks_pb2.ListTasksRequest(
+            dead=draw(st.booleans()), limit=draw(_int32), originator=draw(_strings)
+        )
+        message.states.extend(draw(st.lists(st.integers(-5, 20), max_size=3)))  # type: ignore[arg-type]
+    else:
+        message = tasks_pb2.ListAuditRequest(subject=draw(_strings), limit=draw(_int32))
+    return message.SerializeToString()
 
 
 @st.composite
@@ -541,7 +612,7 @@ def _evil_replies(draw: st.DrawFn) -> messaging_pb2.ReplyMessage:
 
 @st.composite
 def _inputs(draw: st.DrawFn, auth: bool = False) -> Input:
-    method = draw(st.sampled_from([*UNARY, "Subscribe", "Connect", "RequestEvil"]))
+    method = draw(st.sampled_from([*UNARY, "Subscribe", "WatchTask", "Connect", "RequestEvil"]))
     metadata = draw(_metadata)
     if auth:
         metadata = draw(_credentials) + metadata
@@ -551,6 +622,9 @@ def _inputs(draw: st.DrawFn, auth: bool = False) -> Input:
         return Input("Request" if method == "RequestEvil" else method, body, metadata)
     if method == "Connect":
         return Input(method, draw(_connect_frames()), metadata)
+    if method == "WatchTask":
+        watch = tasks_pb2.WatchTaskRequest(task_id=draw(_task_ids), after_seq=draw(_int64.map(abs)))
+        return Input(method, watch.SerializeToString(), metadata)
     if method == "Subscribe":
         subscribe = messaging_pb2.SubscribeRequest(broadcasts=draw(st.booleans()))
         subscribe.topics.extend(
@@ -717,14 +791,19 @@ async def _call(channel: grpc.aio.Channel, what: Input, evil: Evil) -> str:
         trailing = await call.trailing_metadata()
         return _check_status(code, await call.details() or "", trailing, what)
     assert isinstance(what.body, bytes)
-    if what.method == "Subscribe":
-        stream = channel.unary_stream(SERVICE + "Subscribe", None, None)(
+    if what.method in ("Subscribe", "WatchTask"):
+        stream = channel.unary_stream(SERVICE + what.method, None, None)(
             what.body, metadata=metadata
+        )
+        frame_type = (
+            messaging_pb2.SubscribeResponse
+            if what.method == "Subscribe"
+            else tasks_pb2.WatchTaskResponse
         )
         try:
             async with asyncio.timeout(SUBSCRIBE_LISTEN):
                 async for raw in stream:
-                    messaging_pb2.SubscribeResponse.FromString(raw)
+                    frame_type.FromString(raw)
         except TimeoutError:
             stream.cancel()
             return "OPEN"

@@ -5,6 +5,7 @@ import warnings
 
 from agentpost.v1 import messaging_pb2 as agentpost_dot_v1_dot_messaging__pb2
 from agentpost.v1 import tasks_pb2 as agentpost_dot_v1_dot_tasks__pb2
+from agentpost.v1 import workflows_pb2 as agentpost_dot_v1_dot_workflows__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -128,6 +129,26 @@ class AgentMessagingStub:
                 '/agentpost.v1.AgentMessaging/ListAudit',
                 request_serializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.Coordinate = channel.unary_stream(
+                '/agentpost.v1.AgentMessaging/Coordinate',
+                request_serializer=agentpost_dot_v1_dot_workflows__pb2.CoordinateRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_workflows__pb2.CoordinateResponse.FromString,
+                _registered_method=True)
+        self.GetWorkflow = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/GetWorkflow',
+                request_serializer=agentpost_dot_v1_dot_workflows__pb2.GetWorkflowRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_workflows__pb2.GetWorkflowResponse.FromString,
+                _registered_method=True)
+        self.ListWorkflows = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/ListWorkflows',
+                request_serializer=agentpost_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_workflows__pb2.ListWorkflowsResponse.FromString,
+                _registered_method=True)
+        self.CancelWorkflow = channel.unary_unary(
+                '/agentpost.v1.AgentMessaging/CancelWorkflow',
+                request_serializer=agentpost_dot_v1_dot_workflows__pb2.CancelWorkflowRequest.SerializeToString,
+                response_deserializer=agentpost_dot_v1_dot_workflows__pb2.CancelWorkflowResponse.FromString,
                 _registered_method=True)
 
 
@@ -266,6 +287,35 @@ class AgentMessagingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Coordinate(self, request, context):
+        """Start a workflow run (or attach to an existing one) and stream its events until it ends.
+        Re-attach with `after_seq` to get the events missed in between, each once and in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWorkflow(self, request, context):
+        """Describe a workflow run: state, each step's state and task, outputs or error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkflows(self, request, context):
+        """List workflow runs, newest first, optionally by state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelWorkflow(self, request, context):
+        """Cancel a running workflow: its running steps' tasks are canceled and the run stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentMessagingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +403,26 @@ def add_AgentMessagingServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditRequest.FromString,
                     response_serializer=agentpost_dot_v1_dot_tasks__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'Coordinate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Coordinate,
+                    request_deserializer=agentpost_dot_v1_dot_workflows__pb2.CoordinateRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_workflows__pb2.CoordinateResponse.SerializeToString,
+            ),
+            'GetWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkflow,
+                    request_deserializer=agentpost_dot_v1_dot_workflows__pb2.GetWorkflowRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_workflows__pb2.GetWorkflowResponse.SerializeToString,
+            ),
+            'ListWorkflows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflows,
+                    request_deserializer=agentpost_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_workflows__pb2.ListWorkflowsResponse.SerializeToString,
+            ),
+            'CancelWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelWorkflow,
+                    request_deserializer=agentpost_dot_v1_dot_workflows__pb2.CancelWorkflowRequest.FromString,
+                    response_serializer=agentpost_dot_v1_dot_workflows__pb2.CancelWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -823,6 +893,114 @@ class AgentMessaging:
             '/agentpost.v1.AgentMessaging/ListAudit',
             agentpost_dot_v1_dot_tasks__pb2.ListAuditRequest.SerializeToString,
             agentpost_dot_v1_dot_tasks__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Coordinate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/Coordinate',
+            agentpost_dot_v1_dot_workflows__pb2.CoordinateRequest.SerializeToString,
+            agentpost_dot_v1_dot_workflows__pb2.CoordinateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/GetWorkflow',
+            agentpost_dot_v1_dot_workflows__pb2.GetWorkflowRequest.SerializeToString,
+            agentpost_dot_v1_dot_workflows__pb2.GetWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkflows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/ListWorkflows',
+            agentpost_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.SerializeToString,
+            agentpost_dot_v1_dot_workflows__pb2.ListWorkflowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentpost.v1.AgentMessaging/CancelWorkflow',
+            agentpost_dot_v1_dot_workflows__pb2.CancelWorkflowRequest.SerializeToString,
+            agentpost_dot_v1_dot_workflows__pb2.CancelWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

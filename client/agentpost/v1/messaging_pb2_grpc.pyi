@@ -5,6 +5,7 @@ isort:skip_file
 
 from agentpost.v1 import messaging_pb2 as _messaging_pb2
 from agentpost.v1 import tasks_pb2 as _tasks_pb2
+from agentpost.v1 import workflows_pb2 as _workflows_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -84,6 +85,16 @@ class AgentMessagingStub:
     """List tasks, newest first: all, by state, or the dead ones (failed, expired, rejected)."""
     ListAudit: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListAuditRequest, _tasks_pb2.ListAuditResponse]
     """List the audit stream: every handoff, task transition and refused action, newest first."""
+    Coordinate: _grpc.UnaryStreamMultiCallable[_workflows_pb2.CoordinateRequest, _workflows_pb2.CoordinateResponse]
+    """Start a workflow run (or attach to an existing one) and stream its events until it ends.
+    Re-attach with `after_seq` to get the events missed in between, each once and in order.
+    """
+    GetWorkflow: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.GetWorkflowRequest, _workflows_pb2.GetWorkflowResponse]
+    """Describe a workflow run: state, each step's state and task, outputs or error."""
+    ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]
+    """List workflow runs, newest first, optionally by state."""
+    CancelWorkflow: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.CancelWorkflowRequest, _workflows_pb2.CancelWorkflowResponse]
+    """Cancel a running workflow: its running steps' tasks are canceled and the run stops."""
 
 @_typing.type_check_only
 class AgentMessagingAsyncStub(AgentMessagingStub):
@@ -140,6 +151,16 @@ class AgentMessagingAsyncStub(AgentMessagingStub):
     """List tasks, newest first: all, by state, or the dead ones (failed, expired, rejected)."""
     ListAudit: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListAuditRequest, _tasks_pb2.ListAuditResponse]  # type: ignore[assignment]
     """List the audit stream: every handoff, task transition and refused action, newest first."""
+    Coordinate: _aio.UnaryStreamMultiCallable[_workflows_pb2.CoordinateRequest, _workflows_pb2.CoordinateResponse]  # type: ignore[assignment]
+    """Start a workflow run (or attach to an existing one) and stream its events until it ends.
+    Re-attach with `after_seq` to get the events missed in between, each once and in order.
+    """
+    GetWorkflow: _aio.UnaryUnaryMultiCallable[_workflows_pb2.GetWorkflowRequest, _workflows_pb2.GetWorkflowResponse]  # type: ignore[assignment]
+    """Describe a workflow run: state, each step's state and task, outputs or error."""
+    ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
+    """List workflow runs, newest first, optionally by state."""
+    CancelWorkflow: _aio.UnaryUnaryMultiCallable[_workflows_pb2.CancelWorkflowRequest, _workflows_pb2.CancelWorkflowResponse]  # type: ignore[assignment]
+    """Cancel a running workflow: its running steps' tasks are canceled and the run stops."""
 
 class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
     """The agentpost message bus: agents (separate processes, any language) send each other direct
@@ -295,5 +316,39 @@ class AgentMessagingServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.ListAuditResponse, _abc.Awaitable[_tasks_pb2.ListAuditResponse]]:
         """List the audit stream: every handoff, task transition and refused action, newest first."""
+
+    @_abc_1.abstractmethod
+    def Coordinate(
+        self,
+        request: _workflows_pb2.CoordinateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workflows_pb2.CoordinateResponse], _abc.AsyncIterator[_workflows_pb2.CoordinateResponse]]:
+        """Start a workflow run (or attach to an existing one) and stream its events until it ends.
+        Re-attach with `after_seq` to get the events missed in between, each once and in order.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWorkflow(
+        self,
+        request: _workflows_pb2.GetWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.GetWorkflowResponse, _abc.Awaitable[_workflows_pb2.GetWorkflowResponse]]:
+        """Describe a workflow run: state, each step's state and task, outputs or error."""
+
+    @_abc_1.abstractmethod
+    def ListWorkflows(
+        self,
+        request: _workflows_pb2.ListWorkflowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflows_pb2.ListWorkflowsResponse]]:
+        """List workflow runs, newest first, optionally by state."""
+
+    @_abc_1.abstractmethod
+    def CancelWorkflow(
+        self,
+        request: _workflows_pb2.CancelWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.CancelWorkflowResponse, _abc.Awaitable[_workflows_pb2.CancelWorkflowResponse]]:
+        """Cancel a running workflow: its running steps' tasks are canceled and the run stops."""
 
 def add_AgentMessagingServicer_to_server(servicer: AgentMessagingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -50,6 +50,8 @@ from agentpost_server.core.ratelimit import RateLimiter
 from agentpost_server.core.registry import SessionRegistry
 from agentpost_server.core.requests import PendingRequests
 from agentpost_server.core.session import InboundRequest, LocalSession
+from agentpost_server.core.tasks.service import TaskService
+from agentpost_server.core.workflows.driver import WorkflowService
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class Hub:
         self.accepting = True
         self._heartbeats = 0
         self._closing: set[asyncio.Task[None]] = set()
+        self.tasks: TaskService | None = None  # set by the app; offers waiting tasks on connect
+        self.workflows: WorkflowService | None = None  # set by the app; wakes run watchers
 
     # ---- sessions -------------------------------------------------------------------------
 
@@ -166,6 +170,8 @@ class Hub:
                 await self._presence.remove_session(agent_id, session.id, self.server_id)
             raise
         log.info("session %s opened for agent %s", session.id, agent_id)
+        if self.tasks is not None:
+            self.tasks.on_agent_online(agent_id, capabilities)
         return session
 
     def start_delivery(self, session: LocalSession) -> None:
@@ -278,6 +284,18 @@ class Hub:
 
     def on_bus_reset(self) -> None:
         self.registry.on_bus_reset()
+        if self.tasks is not None:
+            self.tasks.notify_all()
+        if self.workflows is not None:
+            self.workflows.notify_all()
+
+    def on_task_event(self, task_id: str) -> None:
+        if self.tasks is not None:
+            self.tasks.notify(task_id)
+
+    def on_workflow_event(self, run_id: str) -> None:
+        if self.workflows is not None:
+            self.workflows.notify(run_id)
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo:
         names.check_agent_id(agent_id)

@@ -7,10 +7,14 @@ import asyncio
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agentpost.v1 import agents_pb2, envelope_pb2
 from agentpost_server.bus.v1 import bus_pb2
+
+if TYPE_CHECKING:
+    from agentpost.v1 import tasks_pb2
+    from agentpost_server.core.tasks.model import Change, Committed, TaskRecord
 
 
 class Lane(enum.Enum):
@@ -60,6 +64,14 @@ class Inbound(Protocol):
         """The bus reconnected: anything learned from it may be stale."""
         ...
 
+    def on_task_event(self, task_id: str) -> None:
+        """A task has new events (in its history)."""
+        ...
+
+    def on_workflow_event(self, run_id: str) -> None:
+        """A workflow run has new events."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AgentRecord:
@@ -94,6 +106,14 @@ class PresenceStore(Protocol):
         ...
 
     async def get_agent(self, agent_id: str) -> agents_pb2.AgentInfo | None: ...
+
+    async def online(self, agent_id: str) -> bool | None:
+        """Whether the agent has a live session; None when it is not known at all."""
+        ...
+
+    async def capable(self, capability: str) -> list[tuple[str, bool]]:
+        """(agent id, online) of every agent advertising the capability."""
+        ...
 
     async def list_agents(
         self, capability: str, online: bool | None
@@ -200,3 +220,51 @@ class Audit(Protocol):
     async def list(self, subject: str, limit: int) -> list[AuditRecord]:
         """Newest first; `subject` "" for all."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A background job to run at `run_at_ms` (unix ms) on the task queue, at least once.
+    A job id names one run: scheduling an id that is already queued does nothing."""
+
+    job_id: str
+    function: str
+    args: Sequence[str]
+    run_at_ms: int
+
+
+class TaskStore(Protocol):
+    """Tasks, their histories, waiting queues and load (`store.tasks`)."""
+
+    async def load(self, task_id: str) -> TaskRecord | None: ...
+
+    async def load_many(self, task_ids: Sequence[str]) -> list[TaskRecord]: ...
+
+    async def commit(
+        self,
+        task_id: str,
+        version: int,
+        change: Change,
+        *,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Committed | str | None:
+        """Committed, None on a version conflict, or the earlier task id for a used key."""
+        ...
+
+    async def schedule(self, job: Job) -> None: ...
+
+    async def by_key(self, sender: str, key: str) -> str | None: ...
+
+    async def history(
+        self, task_id: str, after_seq: int, limit: int
+    ) -> list[tasks_pb2.TaskEvent]: ...
+
+    async def waiting(self, queue: str, limit: int) -> list[str]: ...
+
+    async def queues(self) -> list[str]: ...
+
+    async def loads(self, agent_ids: Sequence[str]) -> list[int]: ...
+
+    async def ids(self, which: str, limit: int, offset: int = 0) -> list[str]: ...
+
+    async def trim(self, before_ms: int) -> None: ...

@@ -1,29 +1,40 @@
 """The arq worker: background jobs that must run exactly once across every server process.
 
-arq stays behind this module: the rest of the server knows `build_worker` and `run_worker`.
-Jobs are JSON-serialized (never pickle). Queue name: "<key prefix>:jobs".
+arq stays behind this module: the rest of the server knows `build_workers` and `run_workers`.
+Jobs are JSON-serialized (never pickle). Two queues, each with its own arq Worker in the process:
 
-Jobs so far:
+"<key prefix>:jobs" (maintenance):
 - `reap_dead_servers` (cron, every `reap_interval` seconds): remove the sessions of server
   processes whose heartbeat expired, so their agents show offline.
 - `sweep_mailboxes` (cron, every `sweep_interval` seconds): move messages past their TTL or
   older than the mailbox age limit to the dead letters.
+
+"<key prefix>:tasks" (task handoffs; short jobs, polled every 50 ms):
+- `task_tick` (scheduled by task transitions, see `store.jobs`): one check of one task.
+- `task_sweep` (cron, every 5 s): offer waiting tasks whose target came online unnoticed.
+- `workflow_step_done` (a step's task ended), `workflow_retry`, `workflow_timeout` and
+  `workflow_kick` (actions a crashed process left pending): see `core.workflows.driver`.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import time
 import warnings
 from typing import Any
 
 from arq import cron
 from arq.connections import RedisSettings
-from arq.worker import Worker
+from arq.worker import Retry, Worker, func
 
+from agentpost.errors import UnavailableError
+from agentpost_server import compose
 from agentpost_server.core.ids import UlidFactory
 from agentpost_server.core.reaper import reap, sweep
+from agentpost_server.core.tasks.service import TaskService
 from agentpost_server.settings import Settings
+from agentpost_server.store import jobs
 from agentpost_server.store.bus import RedisBus
 from agentpost_server.store.keys import Keys
 from agentpost_server.store.mailbox import RedisMailboxes
@@ -41,41 +52,93 @@ async def sweep_mailboxes(ctx: dict[str, Any]) -> int:
     return await sweep(ctx["presence"], ctx["mailboxes"], max_age_ms=ctx["max_age_ms"])
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value).encode()
+async def task_tick(ctx: dict[str, Any], task_id: str) -> None:
+    """A task's scheduled check (accept timeout, backoff elapsed, liveness, deadline)."""
+    try:
+        await ctx["tasks"].tick(task_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
 
 
-def build_worker(settings: Settings, redis_url: str, *, handle_signals: bool) -> Worker:
+async def workflow_step_done(ctx: dict[str, Any], task_id: str) -> None:
+    """A workflow step's task ended (its on_done continuation)."""
+    try:
+        await ctx["workflows"].on_task_done(task_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_retry(ctx: dict[str, Any], run_id: str, step_id: str, attempt: str) -> None:
+    try:
+        await ctx["workflows"].on_retry_due(run_id, step_id, int(attempt))
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_timeout(ctx: dict[str, Any], run_id: str) -> None:
+    try:
+        await ctx["workflows"].on_run_timeout(run_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def workflow_kick(ctx: dict[str, Any], run_id: str) -> None:
+    """Carry out a run's actions that a crashed process left pending."""
+    try:
+        await ctx["workflows"].kick(run_id)
+    except UnavailableError as exc:
+        raise Retry(defer=2) from exc
+
+
+async def task_sweep(ctx: dict[str, Any]) -> int:
+    """Offer waiting tasks whose target came online unnoticed; forget expired index entries."""
+    service: TaskService = ctx["tasks"]
+    offered = await service.sweep()
+    await ctx["task_store"].trim(_now_ms() - ctx["task_retention_ms"])
+    return offered
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def build_workers(settings: Settings, redis_url: str) -> list[Worker]:
+    """The maintenance worker (queue "<prefix>:jobs") and the task worker ("<prefix>:tasks":
+    short jobs polled often, so that a killed worker's job is retried within seconds)."""
+    return [_maintenance(settings, redis_url), _tasks(settings, redis_url)]
+
+
+async def _common(ctx: dict[str, Any], settings: Settings, keys: Keys) -> None:
+    redis = ctx["redis"]
+    writer = PipelineWriter(redis)
+    writer.start()
+    bus = RedisBus(redis, keys, "worker", writer)
+    presence = RedisPresence(redis, keys)
+    ctx.update(bus=bus, writer=writer, presence=presence, ids=UlidFactory(), keys=keys)
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    writer = ctx.get("writer")
+    if writer is not None:
+        await writer.close()
+
+
+def _maintenance(settings: Settings, redis_url: str) -> Worker:
     keys = Keys(settings.key_prefix)
 
     async def startup(ctx: dict[str, Any]) -> None:
-        redis = ctx["redis"]
-        writer = PipelineWriter(redis)
-        writer.start()
-        bus = RedisBus(redis, keys, "worker", writer)
-        mailboxes = RedisMailboxes(
-            redis,
-            keys,
-            writer,
-            max_len=settings.mailbox_max_messages,
-            idempotency_ms=int(settings.idempotency_window * 1000),
-            retry_ms=int(settings.retry_window * 1000),
-        )
+        await _common(ctx, settings, keys)
         ctx.update(
-            bus=bus,
-            writer=writer,
-            presence=RedisPresence(redis, keys),
-            ids=UlidFactory(),
-            mailboxes=mailboxes,
-            redis_plain=redis,
-            keys=keys,
+            mailboxes=RedisMailboxes(
+                ctx["redis"],
+                keys,
+                ctx["writer"],
+                max_len=settings.mailbox_max_messages,
+                idempotency_ms=int(settings.idempotency_window * 1000),
+                retry_ms=int(settings.retry_window * 1000),
+            ),
             max_age_ms=int(settings.mailbox_max_age * 1000),
         )
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        writer = ctx.get("writer")
-        if writer is not None:
-            await writer.close()
 
     every = max(1, round(settings.reap_interval))
     sweep_every = max(1, min(59, round(settings.sweep_interval)))
@@ -102,21 +165,70 @@ def build_worker(settings: Settings, redis_url: str, *, handle_signals: bool) ->
         redis_settings=RedisSettings.from_dsn(redis_url),
         queue_name=f"{settings.key_prefix}:jobs",
         on_startup=startup,
-        on_shutdown=shutdown,
-        job_serializer=_dumps,
-        job_deserializer=json.loads,
-        handle_signals=handle_signals,
+        on_shutdown=_shutdown,
+        job_serializer=jobs.dumps,
+        job_deserializer=jobs.loads,
+        handle_signals=False,
         poll_delay=0.5,
         health_check_key=f"{settings.key_prefix}:jobs:health",
     )
 
 
-async def run_worker(worker: Worker) -> None:
-    """Run an in-process worker until cancelled, then close it (and its Redis pool)."""
+def _tasks(settings: Settings, redis_url: str) -> Worker:
+    keys = Keys(settings.key_prefix)
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        await _common(ctx, settings, keys)
+        service = compose.tasks(settings, ctx["redis"], keys, ctx["presence"], ctx["bus"].wake)
+        ctx.update(
+            tasks=service,
+            workflows=compose.workflows(settings, ctx["redis"], keys, service),
+            task_store=service.store,
+            task_retention_ms=int(settings.task_retention * 1000),
+        )
+
+    return Worker(
+        functions=[
+            func(job, name=job.__name__, timeout=10, max_tries=1000)
+            for job in (
+                task_tick,
+                workflow_step_done,
+                workflow_retry,
+                workflow_timeout,
+                workflow_kick,
+            )
+        ],
+        cron_jobs=[
+            cron(
+                task_sweep,
+                name="task_sweep",
+                second=set(range(0, 60, 5)),
+                run_at_startup=True,
+                unique=True,
+                timeout=10,
+            )
+        ],
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        queue_name=jobs.tasks_queue(settings.key_prefix),
+        on_startup=startup,
+        on_shutdown=_shutdown,
+        job_serializer=jobs.dumps,
+        job_deserializer=jobs.loads,
+        handle_signals=False,
+        poll_delay=0.05,
+        keep_result=0,
+        max_jobs=100,
+        health_check_key=f"{settings.key_prefix}:tasks:health",
+    )
+
+
+async def run_workers(workers: list[Worker]) -> None:
+    """Run in-process workers until cancelled, then close them (and their Redis pools)."""
     try:
-        await worker.main()
+        await asyncio.gather(*(worker.main() for worker in workers))
     finally:
         # arq 0.28 closes its pool with redis-py's deprecated close(); the pool is still closed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            await worker.close()
+            for worker in workers:
+                await worker.close()

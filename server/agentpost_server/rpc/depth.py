@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
 
 from agentpost.errors import InvalidArgumentError
-from agentpost.v1 import envelope_pb2, messaging_pb2, payload_pb2
+from agentpost.v1 import envelope_pb2, messaging_pb2, payload_pb2, tasks_pb2
 from agentpost_server.core import wire
 
 
@@ -33,8 +33,34 @@ _STRUCT_VALUE = _number(struct_pb2.Value, "struct_value")
 _FIELDS = _number(struct_pb2.Struct, "fields")
 
 
+# ... > Envelope.task > TaskNotice.task > Task.spec (an offer)
+_OFFER = (
+    *_DELIVERY[:2],
+    _number(envelope_pb2.Envelope, "task"),
+    _number(tasks_pb2.TaskNotice, "task"),
+    _number(tasks_pb2.Task, "spec"),
+)
+# ... > Envelope.task > TaskNotice.event > TaskEvent.payload (an answer, a result)
+_NOTICE = (
+    *_DELIVERY[:2],
+    _number(envelope_pb2.Envelope, "task"),
+    _number(tasks_pb2.TaskNotice, "event"),
+    _number(tasks_pb2.TaskEvent, "payload"),
+)
+
+
 def check_payload(payload: payload_pb2.Payload) -> None:
     _check(payload.SerializeToString(), "payload")
+
+
+def check_task_spec(spec: tasks_pb2.TaskSpec) -> None:
+    """As it appears in an offer delivered to the assignee."""
+    _check(spec.SerializeToString(), "spec", _OFFER)
+
+
+def check_task_payload(payload: payload_pb2.Payload, name: str) -> None:
+    """A result, question or answer, as it appears in a task notice."""
+    _check(payload.SerializeToString(), name, _NOTICE)
 
 
 def check_metadata(metadata: struct_pb2.Struct) -> None:
@@ -45,9 +71,9 @@ def check_metadata(metadata: struct_pb2.Struct) -> None:
     _check(wire.field(_JSON, wire.field(_STRUCT_VALUE, wire.field(_FIELDS, entry))), "metadata")
 
 
-def _check(payload: bytes, name: str) -> None:
+def _check(payload: bytes, name: str, path: tuple[int, ...] = _DELIVERY) -> None:
     frame = payload
-    for number in reversed(_DELIVERY):
+    for number in reversed(path):
         frame = wire.field(number, frame)
     try:
         messaging_pb2.ConnectResponse.FromString(frame)

@@ -23,11 +23,15 @@ from agentpost.v1 import agents_pb2, errors_pb2, messaging_pb2
 from agentpost_server.core import events, names, operations, wire
 from agentpost_server.core.auth import Principal
 from agentpost_server.core.hub import Hub
-from agentpost_server.core.ports import AgentRecord
+from agentpost_server.core.ports import AgentRecord, Audit
 from agentpost_server.core.session import LocalSession
+from agentpost_server.core.tasks.service import TaskService
+from agentpost_server.core.workflows.driver import WorkflowService
 from agentpost_server.rpc import depth
 from agentpost_server.rpc.auth import CallAuth, caller
 from agentpost_server.rpc.errors import streaming, unary
+from agentpost_server.rpc.tasks import TaskRpcs
+from agentpost_server.rpc.workflows import WorkflowRpcs
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +65,24 @@ async def _frames(raw_frames: AsyncIterator[bytes]) -> AsyncIterator[messaging_p
             ) from None
 
 
-class AgentMessagingServicer:
+class AgentMessagingServicer(TaskRpcs, WorkflowRpcs):
     """Every method is wrapped (`rpc.errors`): authenticated first, then `caller(context)` is
-    the principal; what it may do is checked by the hub's `Guard`."""
+    the principal; what it may do is checked by the hub's `Guard` (messaging) and by the task
+    and workflow services (originator, assignee or admin)."""
 
-    def __init__(self, hub: Hub, call_auth: CallAuth) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        call_auth: CallAuth,
+        tasks: TaskService,
+        workflows: WorkflowService,
+        audit: Audit,
+    ) -> None:
         self._hub = hub
         self.call_auth = call_auth
+        self._tasks = tasks
+        self._workflows = workflows
+        self._audit = audit
 
     @streaming(None)
     async def Connect(

@@ -80,6 +80,8 @@ class RedisBus:
         self._woken_batch_watched = False
         self._subscribed = asyncio.Event()
         self._closing = False
+        self._tasks_channel = keys.tasks_channel.encode()
+        self._workflows_channel = keys.workflows_channel.encode()
         self._lanes = {
             keys.server_channel(server_id).encode(): Lane.SERVER,
             keys.topics_channel.encode(): Lane.TOPICS,
@@ -145,7 +147,12 @@ class RedisBus:
         while not self._closing:
             pubsub: PubSub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(*self._lanes, self._keys.presence_channel)
+                await pubsub.subscribe(
+                    *self._lanes,
+                    self._keys.presence_channel,
+                    self._keys.tasks_channel,
+                    self._keys.workflows_channel,
+                )
                 if not first and self._inbound is not None:
                     self._inbound.on_bus_reset()
                     log.info("bus reconnected")
@@ -172,6 +179,10 @@ class RedisBus:
         try:
             if lane is not None:
                 self._inbound.on_routed(lane, bus_pb2.BusBatch.FromString(data))
+            elif channel == self._tasks_channel:
+                self._inbound.on_task_event(data.decode())
+            elif channel == self._workflows_channel:
+                self._inbound.on_workflow_event(data.decode())
             else:
                 agent_id, session_id, server_id, added = json.loads(data)
                 self._inbound.on_presence(

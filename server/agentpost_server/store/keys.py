@@ -13,6 +13,8 @@ class Keys:
         self.broadcast_channel = f"{prefix}:ch:broadcast"
         self.presence_channel = f"{prefix}:ch:presence"
         self.wake_channel = f"{prefix}:ch:wake"
+        self.tasks_channel = f"{prefix}:ch:tasks"  # a task id, after each of its events
+        self.workflows_channel = f"{prefix}:ch:wf"  # a workflow run id, after its events
         self.dead_letters = f"{prefix}:dead"  # STREAM of undeliverable messages, with reasons
         self.broadcast_log = f"{prefix}:broadcasts"  # STREAM of recent broadcasts
         self.topic_log = f"{prefix}:topiclog"  # STREAM of recent topic publishes
@@ -26,6 +28,10 @@ class Keys:
     def agent_sessions(self, agent_id: str) -> str:
         """HASH: session id -> "<server id> <instance id>", for the agent's live sessions."""
         return f"{self.prefix}:agent:{agent_id}:sessions"
+
+    def capability(self, capability: str) -> str:
+        """SET of the agents advertising a capability (kept by the presence scripts)."""
+        return f"{self.prefix}:cap:{capability}"
 
     def mailbox(self, agent_id: str) -> str:
         """STREAM: the agent's unacknowledged direct messages (consumer group "g")."""

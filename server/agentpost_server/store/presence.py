@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 _KNOW = """
 local function know(agent, agents, mailbox, log, agent_id, capabilities, metadata, now)
   redis.call('SADD', agents, agent_id)
+  local prefix = string.sub(agents, 1, #agents - 7)
+  local old = redis.call('HGET', agent, 'capabilities')
+  local ok, listed = pcall(cjson.decode, old or '[]')
+  if ok and type(listed) == 'table' then  -- a malformed stored list is skipped, not trusted
+    for _, c in ipairs(listed) do
+      if type(c) == 'string' then redis.call('SREM', prefix .. ':cap:' .. c, agent_id) end
+    end
+  end
+  for _, c in ipairs(cjson.decode(capabilities)) do
+    redis.call('SADD', prefix .. ':cap:' .. c, agent_id)
+  end
   redis.call('HSET', agent, 'capabilities', capabilities, 'metadata', metadata)
   redis.call('HSETNX', agent, 'first_seen', now)
   if redis.call('HEXISTS', agent, 'bpos') == 0 then
@@ -138,6 +149,31 @@ class RedisPresence:
         with unavailable_on_redis_error("looking up the agent"):
             return bool(await _wait(self._redis.sismember(self._keys.agents, agent_id)))
 
+    async def online(self, agent_id: str) -> bool | None:
+        """Whether the agent has a live session; None when it is not known at all."""
+        k = self._keys
+        with unavailable_on_redis_error("looking up the agent"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.sismember(k.agents, agent_id)
+                pipe.hlen(k.agent_sessions(agent_id))
+                known, sessions = await pipe.execute()
+        return bool(sessions) if known else None
+
+    async def capable(self, capability: str) -> list[tuple[str, bool]]:
+        """(agent id, online) of every agent advertising the capability, sorted by id."""
+        k = self._keys
+        with unavailable_on_redis_error("looking up capable agents"):
+            members = sorted(
+                _text(m) for m in await _wait(self._redis.smembers(k.capability(capability)))
+            )
+            if not members:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for agent_id in members:
+                    pipe.hlen(k.agent_sessions(agent_id))
+                sessions = await pipe.execute()
+        return [(agent_id, bool(n)) for agent_id, n in zip(members, sessions, strict=True)]
+
     async def remove_session(self, agent_id: str, session_id: str, server_id: str) -> bool:
         k = self._keys
         with unavailable_on_redis_error("unregistering the session"):
@@ -169,7 +205,8 @@ class RedisPresence:
 
     async def list_agents(self, capability: str, online: bool | None) -> list[agents_pb2.AgentInfo]:
         with unavailable_on_redis_error("listing agents"):
-            ids = sorted(_text(a) for a in await _wait(self._redis.smembers(self._keys.agents)))
+            index = self._keys.capability(capability) if capability else self._keys.agents
+            ids = sorted(_text(a) for a in await _wait(self._redis.smembers(index)))
         agents = await self._load(ids)
         return [
             a
