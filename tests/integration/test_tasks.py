@@ -258,6 +258,7 @@ async def test_cancel_tells_the_assignee_and_only_the_originator_may(
 
         await assert_eventually(lambda: len(updates()) == 1)
         assert updates()[0].state == S.TASK_STATE_CANCELED
+        assert updates()[0].seq == 4  # submitted, offered, working, canceled
         assert updates()[0].message == "changed my mind"
         with pytest.raises(TaskStateError):
             await boss.call("CancelTask", tasks_pb2.CancelTaskRequest(task_id=task.id))

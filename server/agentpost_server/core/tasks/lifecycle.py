@@ -90,6 +90,8 @@ def _event(
     attempt: int | None = None,
 ) -> tasks_pb2.TaskEvent:
     event = tasks_pb2.TaskEvent(
+        # The commit appends it as the next event: the version check makes record.seq current.
+        seq=record.seq + 1,
         task_id=record.id,
         kind=kind,  # type: ignore[arg-type]
         state=state,  # type: ignore[arg-type]
