@@ -41,7 +41,7 @@ from agentpost._workflow_view import (
     workflow_json,
 )
 from agentpost.client import Client
-from agentpost.errors import AgentpostError
+from agentpost.errors import UnavailableError
 from agentpost.run_handle import RunHandle, prepare_definition
 from agentpost.workflow_run import WorkflowFailedError, WorkflowInfo, WorkflowRunState
 
@@ -172,7 +172,7 @@ def _live(args: argparse.Namespace) -> bool:
 
 
 def _following(run_id: str, go: Callable[[], int], started: Callable[[], bool]) -> int:
-    """Run `go`; once the run started, an error or Ctrl-C says how to pick it up again."""
+    """Run `go`; once the run started, a lost server or Ctrl-C says how to pick it up again."""
     hint = f"the run goes on: agentpost workflow watch {run_id}"
     try:
         return go()
@@ -180,7 +180,7 @@ def _following(run_id: str, go: Callable[[], int], started: Callable[[], bool]) 
         if started():
             print(f"agentpost: {hint}", file=sys.stderr)
         return 130
-    except AgentpostError as exc:
+    except UnavailableError as exc:  # the server went away: following stopped, not the run
         if not started():
             raise
         return fail(f"{exc.message} ({hint})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from agentpost._clikit import json_value, time_text
@@ -22,7 +22,6 @@ __all__ = [
     "NEEDS_RICH",
     "RunView",
     "event_json",
-    "event_line",
     "have_rich",
     "short",
     "step_json",
@@ -114,17 +113,21 @@ class RunView:
         if kind is K.STEP_PROGRESS:
             row.percent = event.percent if event.percent is not None else row.percent
             row.note = event.message
-        elif kind is K.STEP_RETRYING and event.retry_delay is not None:
+            return
+        row.percent = None  # a new stage: the last attempt's progress is over
+        if kind is K.STEP_RETRYING and event.retry_delay is not None:
             row.note = f"again in {event.retry_delay:g}s: {event.message}".rstrip(": ")
         elif kind is K.STEP_COMPLETED:
-            row.percent, row.note = None, short(event.payload, 60)
-        elif kind is K.STEP_STARTED:
-            row.percent, row.note = None, event.message
+            row.note = short(event.payload, 200)
         else:
             row.note = event.message
 
-    def __rich__(self) -> Any:
-        """The renderable (re-rendered on every refresh, so spinners and the clock move)."""
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        """Rendered anew on every refresh (so spinners and the clock move), to the width."""
+        yield self.render(options.max_width)
+
+    def render(self, width: int = 100) -> Any:
+        """The renderable: a title, one line per step, and the outcome once known."""
         from rich.console import Group
         from rich.spinner import Spinner
         from rich.table import Table
@@ -141,24 +144,44 @@ class RunView:
             (self.state, style),
             (f"  {elapsed:.0f}s", "dim"),
         )
+        cells = [
+            (
+                row.id,
+                row.state,
+                row.target or "-",
+                row.agent or "-",
+                str(row.attempt) if row.attempt else "-",
+            )
+            for row in self.rows.values()
+        ]
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="dim")
-        for column in ("", "STEP", "STATE", "TARGET", "AGENT", "TRY", "PROGRESS"):
-            table.add_column(column, no_wrap=column != "PROGRESS", overflow="ellipsis")
-        for row in self.rows.values():
+        table.add_column("", min_width=1, no_wrap=True)
+        for index, column in enumerate(("STEP", "STATE", "TARGET", "AGENT", "TRY")):
+            # One line per step: these keep their width, PROGRESS gets what is left.
+            fits = max([len(column), *(min(len(cell[index]), 24) for cell in cells)])
+            table.add_column(column, min_width=fits, no_wrap=True, overflow="ellipsis")
+        # The mark, five columns of their own width and PROGRESS, two spaces between each.
+        used = 1 + sum(column.min_width or 0 for column in table.columns[1:]) + 2 * 6
+        room = max(10, width - used)
+        table.add_column("PROGRESS", no_wrap=True, overflow="ellipsis", max_width=room)
+        for row, cell in zip(self.rows.values(), cells, strict=True):
             mark: Any
             if row.state in _BUSY and self.state == "running":
                 mark = self._spinners.setdefault(row.id, Spinner("dots", style="cyan"))
             else:
                 mark = Text.from_markup(_MARKS.get(row.state, "[dim]·[/]"))
             progress = f"{row.percent:>3}% " if row.percent is not None else ""
+            step_id, state, target, agent, attempt = cell
+            note = Text(progress + row.note)
+            note.truncate(room, overflow="ellipsis")
             table.add_row(
                 mark,
-                row.id,
-                Text(row.state, style=_STYLES.get(row.state, "")),
-                row.target or "-",
-                row.agent or "-",
-                str(row.attempt) if row.attempt else "-",
-                Text(progress + row.note),
+                step_id,
+                Text(state, style=_STYLES.get(state, "")),
+                target,
+                agent,
+                attempt,
+                note,
             )
         parts: list[Any] = [title, table]
         if self.outcome:
@@ -176,25 +199,6 @@ def short(value: Any, limit: int = 200) -> str:
         return f"<{len(value)} bytes>"
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def event_line(event: WorkflowEvent) -> str:
-    """One human line: time, seq, kind, step, agent, attempt, message (or payload)."""
-    stamp = event.time.isoformat(timespec="milliseconds") if event.time else "-"
-    parts = [stamp, f"#{event.seq}", event.kind.value, event.step_id or "-"]
-    if event.agent_id:
-        parts.append(event.agent_id)
-    if event.attempt > 1:
-        parts.append(f"attempt {event.attempt}")
-    if event.percent is not None:
-        parts.append(f"{event.percent}%")
-    if event.retry_delay is not None:
-        parts.append(f"in {event.retry_delay:g}s")
-    if event.message:
-        parts.append(event.message)
-    if event.payload is not None:
-        parts.append(short(event.payload))
-    return "  ".join(parts)
 
 
 def event_json(event: WorkflowEvent) -> dict[str, Any]:

@@ -26,9 +26,9 @@ class WorkflowMethods:
 
         `definition` is a `WorkflowDefinition`, plain data in the file format of
         `agentpost.workflow`, or the path of a .yaml/.yml/.json file. `run_id` and `input`
-        (JSON data) override the definition's. Starting a run whose id exists attaches to that
-        run instead (its definition is then ignored); a definition without an id gets a new
-        one, so the start is repeated safely after a lost connection.
+        (JSON data) override the definition's when given. Starting a run whose id exists
+        attaches to that run instead (its definition is then ignored); a definition without an
+        id gets a new one, so the start is repeated safely after a lost connection.
 
         `async for event in run` follows it (re-attaching after a dropped stream), and
         `await run.result()` waits for its outputs. Raises `InvalidWorkflowError` for an

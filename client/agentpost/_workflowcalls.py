@@ -9,18 +9,24 @@ stream after the last event seen, so every event comes once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from agentpost import _status
 from agentpost._caller import Caller, closed_error
-from agentpost.errors import AgentpostError, InvalidArgumentError, UnavailableError
+from agentpost.errors import (
+    AgentpostError,
+    ConnectionLostError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from agentpost.v1 import workflows_pb2
-from agentpost.workflow_run import WorkflowEvent, WorkflowInfo, WorkflowRunState, check_states
+from agentpost.workflow_run import WorkflowEvent, WorkflowInfo, WorkflowRunState, run_state_to_proto
 
 __all__ = ["MAX_LIST", "WorkflowCalls", "check_run_id"]
 
@@ -111,7 +117,7 @@ class WorkflowCalls:
         loop = asyncio.get_running_loop()
         backoff = options.reconnect_initial_backoff
         failing_since: float | None = None
-        ended = False  # the run is over: the next stream that ends early is the last
+        ended = False  # the run is over: the next stream is opened at once
         while True:
             if definition is not None:
                 request = workflows_pb2.CoordinateRequest(
@@ -140,6 +146,7 @@ class WorkflowCalls:
                         backoff = options.reconnect_initial_backoff
                         yield event
                         if event.terminal:
+                            await _drain(call)
                             return
             except grpc.aio.UsageError:
                 raise closed_error() from None
@@ -147,25 +154,48 @@ class WorkflowCalls:
                 error = _explained(_status.from_rpc_error(exc))
                 if not isinstance(error, UnavailableError):
                     raise error from None
-                now = loop.time()
-                if failing_since is None:
-                    failing_since = now
-                elif now - failing_since >= options.connect_timeout:
-                    raise error from None
-                logger.info("following workflow run %s again: %s", run_id, error.message)
             else:
                 # Ended early: a server going away (resume), or the terminal event was at or
                 # before `after_seq`. Once the run is over, one more stream brings what is left
-                # of its log (or nothing), at once.
-                if ended:
-                    return
-                if definition is None and (await self.get(run_id)).state.terminal:
-                    ended = True
-                    continue
+                # of its log at once; nothing left: done.
+                record = await self._record(run_id) if definition is None else None
+                if record is not None and record.state.terminal:
+                    if record.last_seq <= after_seq:
+                        return
+                    if not ended:
+                        ended = True
+                        continue
+                error = ConnectionLostError(f"the stream of workflow run {run_id} ended early")
             finally:
                 call.cancel()
+            now = loop.time()
+            if failing_since is None:
+                failing_since = now
+            elif now - failing_since >= options.connect_timeout:
+                raise error
+            logger.info("following workflow run %s again: %s", run_id, error.message)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, options.reconnect_max_backoff)
+
+    async def _record(self, run_id: str) -> WorkflowInfo | None:
+        """The run as the server knows it (None when it cannot be told now)."""
+        caller = self.caller
+        request = workflows_pb2.GetWorkflowRequest(run_id=run_id)
+        stub = caller.stub
+        try:
+            response = await caller.once(
+                lambda timeout: stub.GetWorkflow(request, timeout=timeout, metadata=caller.metadata)
+            )
+        except UnavailableError:
+            return None
+        return WorkflowInfo.from_proto(response.run)
+
+
+def check_states(states: Sequence[WorkflowRunState | str]) -> list[int]:
+    """The proto values of a state filter (a single state is accepted too)."""
+    if isinstance(states, str):
+        states = [states]
+    return [run_state_to_proto(state) for state in states]
 
 
 def check_run_id(run_id: str) -> str:
@@ -194,3 +224,12 @@ def _explained(error: AgentpostError) -> AgentpostError:
             metadata=error.metadata,
         )
     return error
+
+
+async def _drain(call: Any) -> None:
+    """Read the end of a stream whose last event came (the server ends it right after), so
+    that the call is finished rather than canceled."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            while isinstance(await call.read(), workflows_pb2.CoordinateResponse):
+                pass

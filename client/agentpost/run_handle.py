@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias
@@ -40,10 +41,9 @@ from agentpost.workflow_run import (
     WorkflowFailedError,
     WorkflowInfo,
     WorkflowRunState,
-    new_run_id,
 )
 
-__all__ = ["Definition", "RunHandle", "prepare_definition"]
+__all__ = ["Definition", "RunHandle", "new_run_id", "prepare_definition"]
 
 #: What `coordinate()` runs: the proto, plain data (the file format of `agentpost.workflow`),
 #: or the path of a .yaml/.yml/.json file.
@@ -52,6 +52,15 @@ Definition: TypeAlias = (
 )
 
 logger = logging.getLogger(__name__)
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32, as the server's ULIDs
+
+
+def new_run_id() -> str:
+    """A new run id (a ULID: time-sortable, 26 characters), chosen by the SDK so that a start
+    repeated after a lost connection attaches to the run instead of starting a second one."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(125, -5, -5))
 
 
 def prepare_definition(
@@ -144,8 +153,8 @@ class RunHandle:
 
     @property
     def done(self) -> bool:
-        """Whether the run's end was seen (or following it stopped: see `result()`)."""
-        return self._done
+        """Whether the run's end was seen, or following it stopped (see `result()`)."""
+        return self._end is not None or self._done
 
     @property
     def end(self) -> WorkflowEvent | None:
@@ -167,8 +176,11 @@ class RunHandle:
         while True:
             await self._wait(lambda: index < len(self._events))  # noqa: B023 (called at once)
             if index < len(self._events):
-                yield self._events[index]
+                event = self._events[index]
                 index += 1
+                yield event
+                if event.terminal:
+                    return
             elif self._error is not None:
                 raise self._error
             else:
@@ -187,7 +199,7 @@ class RunHandle:
             raise InvalidArgumentError("timeout must be positive", metadata={"field": "timeout"})
         try:
             async with asyncio.timeout(timeout):
-                await self._wait(lambda: False)
+                await self._wait(lambda: self._end is not None)
         except TimeoutError as exc:
             if isinstance(exc, RequestTimeoutError):
                 raise

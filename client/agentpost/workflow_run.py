@@ -14,9 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
-import os
-import time
-from collections.abc import Sequence
 from typing import Any
 
 from agentpost.errors import AgentpostError, InvalidArgumentError
@@ -32,8 +29,6 @@ __all__ = [
     "WorkflowRunState",
     "WorkflowStepInfo",
     "WorkflowStepState",
-    "check_states",
-    "new_run_id",
     "run_state_to_proto",
 ]
 
@@ -414,22 +409,3 @@ class WorkflowFailedError(AgentpostError):
 def _text(run_id: str, state: WorkflowRunState, step_id: str | None, reason: str) -> str:
     where = f" at step {step_id}" if step_id else ""
     return f"workflow run {run_id} {state.value}{where}" + (f": {reason}" if reason else "")
-
-
-# --------------------------------------------------------------------------- run ids
-
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32, as the server's ULIDs
-
-
-def new_run_id() -> str:
-    """A new run id (a ULID: time-sortable, 26 characters), chosen by the SDK so that a start
-    repeated after a lost connection attaches to the run instead of starting a second one."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(125, -5, -5))
-
-
-def check_states(states: Sequence[WorkflowRunState | str]) -> list[int]:
-    """The proto values of a state filter (a single state is accepted too)."""
-    if isinstance(states, str):
-        states = [states]
-    return [run_state_to_proto(state) for state in states]

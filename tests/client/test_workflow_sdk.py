@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ import agentpost
 from agentpost import _status, cli
 from agentpost._workflow_view import RunView
 from agentpost.payload import from_value, to_payload
-from agentpost.run_handle import prepare_definition
+from agentpost.run_handle import new_run_id, prepare_definition
 from agentpost.v1 import messaging_pb2_grpc, workflows_pb2
-from agentpost.workflow_run import new_run_id, run_state_to_proto
+from agentpost.workflow_run import run_state_to_proto
 from tests.client.conftest import FakeBus
 from tests.helpers import assert_eventually
 
@@ -101,9 +101,11 @@ class WorkflowBus(FakeBus):
 
     * `drops`: per Coordinate stream, in order: end it with UNAVAILABLE after that many events
       (0: before any).
+    * `ends`: the same, but the stream ends cleanly (a server draining, say).
     * `overlap`: a resumed stream also sends this many events at or before `after_seq` again
       (the SDK must drop them).
-    * `refusal`: every Coordinate fails with this error.
+    * `coordinate_error`: every Coordinate fails with this error.
+    * `scripts`: run id -> what happens to the run once started (called just after).
     """
 
     def __init__(self) -> None:
@@ -112,8 +114,10 @@ class WorkflowBus(FakeBus):
         self.coordinates: list[tuple[workflows_pb2.CoordinateRequest, str]] = []
         self.unary: list[Any] = []
         self.drops: list[int] = []
+        self.ends: list[int] = []
         self.overlap = 0
         self.coordinate_error: agentpost.AgentpostError | None = None
+        self.scripts: dict[str, Callable[[FakeRun], None]] = {}
 
     async def Coordinate(
         self,
@@ -123,6 +127,9 @@ class WorkflowBus(FakeBus):
         caller = dict(context.invocation_metadata() or ()).get("agentpost-agent-id", "anonymous")
         self.coordinates.append((request, caller))
         drop = self.drops.pop(0) if self.drops else None
+        clean = False
+        if drop is None and self.ends:
+            drop, clean = self.ends.pop(0), True
         if self.coordinate_error is not None:
             await _abort(context, self.coordinate_error)
         if request.HasField("definition"):
@@ -133,6 +140,9 @@ class WorkflowBus(FakeBus):
             if run is None:
                 run = self.runs[definition.run_id] = FakeRun(definition, caller)
                 run.emit(K.WORKFLOW_EVENT_KIND_RUN_STARTED, from_value(definition.input))
+                script = self.scripts.get(definition.run_id)
+                if script is not None:
+                    asyncio.get_running_loop().call_soon(script, run)
         else:
             found = self.runs.get(request.run_id)
             if found is None:
@@ -143,6 +153,8 @@ class WorkflowBus(FakeBus):
         sent = 0
         while True:
             if drop is not None and sent >= drop:
+                if clean:
+                    return
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server going away")
             changed = run.changed
             batch = run.events[index:]
@@ -568,6 +580,18 @@ async def test_a_dropped_stream_is_resumed_after_the_last_event_seen(
     await handle.close()
 
 
+async def test_a_stream_that_ends_early_is_resumed_too(
+    bus: WorkflowBus, client: agentpost.Client
+) -> None:
+    bus.ends = [1, 0]
+    handle = await client.coordinate(CHAIN)
+    run = bus.run(handle.id)
+    _finish(run)
+    assert [e.seq for e in await asyncio.wait_for(_all(handle), 5)] == list(range(1, 7))
+    assert [r.after_seq for r, _ in bus.coordinates] == [0, 1, 1]
+    await handle.close()
+
+
 async def test_a_start_lost_before_any_event_sends_the_definition_again(
     bus: WorkflowBus, client: agentpost.Client
 ) -> None:
@@ -789,16 +813,11 @@ async def test_workflow_commands_against_the_fake(
         errors.append(captured.err)
         return status, captured.out
 
-    async def finish_when_started(run_id: str) -> None:
-        await assert_eventually(lambda: run_id in bus.runs)
-        _finish(bus.runs[run_id])
-
     # Not a terminal: JSON lines, one per event, exit 0 on completion.
-    finishing = asyncio.create_task(finish_when_started("r-cli"))
+    bus.scripts["r-cli"] = _finish
     status, out = await asyncio.to_thread(
         run, "workflow", "run", str(flow), "--run-id", "r-cli", "--input", '{"repo": "y"}'
     )
-    await finishing
     lines = [json.loads(line) for line in out.splitlines()]
     assert status == 0, errors[-1]
     assert [line["seq"] for line in lines] == list(range(1, 7))
@@ -806,25 +825,16 @@ async def test_workflow_commands_against_the_fake(
     assert lines[-1]["kind"] == "run.completed" and lines[-1]["payload"] == {"code": {"diff": "+x"}}
     assert bus.coordinates[-1][1] == "lead"
 
-    import sys
-
-    print("MARK1", file=sys.__stderr__)
-
     # A failing run exits 1, a canceled one 2, with the reason on stderr.
-    async def fail_when_started(run_id: str, kind: int) -> None:
-        await assert_eventually(lambda: run_id in bus.runs)
-        bus.runs[run_id].emit(kind, step_id="code", message="exit 1")
-
-    failing = asyncio.create_task(fail_when_started("r-bad", K.WORKFLOW_EVENT_KIND_RUN_FAILED))
+    bus.scripts["r-bad"] = lambda run: run.emit(
+        K.WORKFLOW_EVENT_KIND_RUN_FAILED, step_id="code", message="exit 1"
+    )
     status, out = await asyncio.to_thread(run, "workflow", "run", str(flow), "--run-id", "r-bad")
-    await failing
     assert status == 1 and "workflow run r-bad failed at step code: exit 1" in errors[-1]
-    canceling = asyncio.create_task(fail_when_started("r-off", K.WORKFLOW_EVENT_KIND_RUN_CANCELED))
+    bus.scripts["r-off"] = lambda run: run.emit(K.WORKFLOW_EVENT_KIND_RUN_CANCELED, message="x")
     status, out = await asyncio.to_thread(run, "workflow", "run", str(flow), "--run-id", "r-off")
-    await canceling
-    assert status == 2 and "canceled" in errors[-1]
+    assert status == 2 and "workflow run r-off canceled: x" in errors[-1]
 
-    print("MARK2", file=sys.__stderr__)
     # watch, list, show, cancel.
     status, out = await asyncio.to_thread(run, "workflow", "watch", "r-cli", "--after", "4")
     assert status == 0 and [json.loads(line)["seq"] for line in out.splitlines()] == [5, 6]
