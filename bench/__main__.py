@@ -98,10 +98,19 @@ class Outcomes:
         _progress(what)
         try:
             self.results[name] = await work
-        except (procs.BenchError, AgentpostError, TimeoutError) as exc:
+        except* (procs.BenchError, AgentpostError, TimeoutError) as group:
+            # The concurrent loops (`scenarios.spread`) fail as a group: the first error tells.
+            exc = _first(group)
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             self.failures[name] = reason
             _progress(f"{name} FAILED: {reason}")
+
+
+def _first(error: BaseException) -> BaseException:
+    """The first leaf of an exception group (or the exception itself)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 async def run_agentpost(
