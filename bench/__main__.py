@@ -1,6 +1,8 @@
-"""`python -m bench [--quick] [--auth] [--only direct,request,broadcast,ceiling] [--profile DIR]`.
+"""`python -m bench [--quick] [--auth] [--only direct,request,...,ceiling] [--profile DIR]`.
 
-`--auth`: the server requires a JWT (AGENTPOST_JWT_SECRET) and every agent presents its own."""
+`--auth`: the server requires a JWT (AGENTPOST_JWT_SECRET) and every agent presents its own.
+`handoff` and `workflow` run against a server of their own with the arq worker inside (the
+workflow steps advance through its jobs); the messaging patterns against one without."""
 
 from __future__ import annotations
 
@@ -16,13 +18,19 @@ from typing import Any
 
 from agentpost.config import ConnectOptions
 from agentpost.errors import AgentpostError
-from bench import ceiling, procs, scenarios
+from bench import ceiling, handoffs, procs, scenarios
 from bench.probe import Probe, summarize
 from bench.report import machine, table, write_json
 from bench.stats import Run
 
-PARTS = ("direct", "request", "broadcast", "ceiling")
+PARTS = ("direct", "request", "broadcast", "handoff", "workflow", "ceiling")
+MESSAGING = {"direct", "request", "broadcast"}
+TASKS = {"handoff", "workflow"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
+#: The shapes of the handoff and workflow parts (the same in quick runs): originator loops of
+#: the end-to-end handoffs, assignee agents (end-to-end handoffs and workflows), steps of the
+#: chain, parallel steps of the fan-out (plus its root and its join).
+SHAPES = {"originators": 16, "assignees": 4, "chain_steps": 20, "fan_width": 20}
 FULL = {
     "direct": 50_000,
     "window": 2_000,
@@ -30,6 +38,10 @@ FULL = {
     "request_16": 20_000,
     "agents": 100,
     "rounds": 20,
+    "handoff_offer": 2_000,
+    "handoff_e2e": 3_000,
+    "workflow_runs": 10,
+    **SHAPES,
 }
 QUICK = {
     "direct": 5_000,
@@ -38,6 +50,10 @@ QUICK = {
     "request_16": 2_000,
     "agents": 100,
     "rounds": 5,
+    "handoff_offer": 200,
+    "handoff_e2e": 300,
+    "workflow_runs": 2,
+    **SHAPES,
 }
 #: Seconds without progress after which a pattern gives up (and per request).
 TIMEOUT = 20.0
@@ -82,10 +98,19 @@ class Outcomes:
         _progress(what)
         try:
             self.results[name] = await work
-        except (procs.BenchError, AgentpostError, TimeoutError) as exc:
+        except* (procs.BenchError, AgentpostError, TimeoutError) as group:
+            # The concurrent loops (`scenarios.spread`) fail as a group: the first error tells.
+            exc = _first(group)
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             self.failures[name] = reason
             _progress(f"{name} FAILED: {reason}")
+
+
+def _first(error: BaseException) -> BaseException:
+    """The first leaf of an exception group (or the exception itself)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 async def run_agentpost(
@@ -150,6 +175,76 @@ async def run_agentpost(
     outcomes.profiles += probe.profiles
 
 
+async def run_tasks(
+    outcomes: Outcomes,
+    parts: set[str],
+    sizes: dict[str, int],
+    directory: Path,
+    pin: bool,
+    profile: Path | None,
+    auth: bool = False,
+) -> None:
+    """Handoffs and workflows, against a server with the arq worker inside."""
+    env, credentials = _credentials(auth)
+    with procs.redis_server(directory) as redis:
+        async with procs.agentpost_server(
+            redis.target, directory, pin=pin, extra_env={**env, "AGENTPOST_WORKER": "true"}
+        ) as server:
+            probe = Probe(
+                {"server": server.pid, "client": os.getpid(), "redis": redis.pid}, profile
+            )
+            target = server.target
+            if "handoff" in parts:
+                await outcomes.attempt(
+                    "handoff-offer",
+                    "agentpost handoff: offer latency, 1 originator, 1 assignee",
+                    handoffs.offer(
+                        target,
+                        count=sizes["handoff_offer"],
+                        probe=probe,
+                        timeout=TIMEOUT,
+                        credentials=credentials,
+                    ),
+                )
+                await outcomes.attempt(
+                    "handoff-e2e",
+                    f"agentpost handoff -> result, {sizes['originators']} originator loops,"
+                    f" {sizes['assignees']} assignees",
+                    handoffs.end_to_end(
+                        target,
+                        count=sizes["handoff_e2e"],
+                        originators=sizes["originators"],
+                        assignees=sizes["assignees"],
+                        probe=probe,
+                        timeout=TIMEOUT,
+                        credentials=credentials,
+                    ),
+                )
+            if "workflow" in parts:
+                shapes = {
+                    "workflow-chain": handoffs.chain(sizes["chain_steps"]),
+                    "workflow-fan": handoffs.fan_out(sizes["fan_width"]),
+                }
+                for name, definition in shapes.items():
+                    await outcomes.attempt(
+                        name,
+                        f"agentpost {name}: {len(definition['steps'])} steps,"
+                        f" {sizes['assignees']} assignees",
+                        handoffs.workflow(
+                            target,
+                            definition,
+                            runs=sizes["workflow_runs"],
+                            assignees=sizes["assignees"],
+                            probe=probe,
+                            name=name,
+                            timeout=TIMEOUT,
+                            credentials=credentials,
+                        ),
+                    )
+            server.check_alive()
+    outcomes.profiles += probe.profiles
+
+
 async def run_ceiling(
     outcomes: Outcomes, sizes: dict[str, int], directory: Path, pin: bool, profile: Path | None
 ) -> None:
@@ -179,10 +274,12 @@ async def run_ceiling(
 async def run(args: argparse.Namespace, sizes: dict[str, int], pin: bool) -> Outcomes:
     outcomes = Outcomes()
     with procs.workdir() as directory:
-        if args.parts - {"ceiling"}:
+        if args.parts & MESSAGING:
             await run_agentpost(
                 outcomes, args.parts, sizes, directory, pin, args.profile, args.auth
             )
+        if args.parts & TASKS:
+            await run_tasks(outcomes, args.parts, sizes, directory, pin, args.profile, args.auth)
         if "ceiling" in args.parts:
             await run_ceiling(outcomes, sizes, directory, pin, args.profile)
     for path in outcomes.profiles:
@@ -202,7 +299,11 @@ def _credentials(auth: bool) -> tuple[dict[str, str], scenarios.Credentials]:
 
     def credentials(agent_id: str) -> ConnectOptions:
         principal = Principal(
-            agent_id=agent_id, roles=frozenset({"broadcast"}), publish=(">",), subscribe=(">",)
+            agent_id=agent_id,
+            roles=frozenset({"broadcast"}),
+            capabilities=frozenset({"*"}),
+            publish=(">",),
+            subscribe=(">",),
         )
         return ConnectOptions(token=jwts.create(secret, principal, 3600))
 

@@ -22,6 +22,19 @@ REFERENCES = {
 }
 
 
+#: What the handoff and workflow figures time, exactly (printed under the table, and in the JSON).
+MEASURES = {
+    "handoff-offer": "handoff offer: handoff(capability=...) called to the offer coming out of"
+    " the assignee's tasks() loop; one handoff at a time (the next once the offer arrived), the"
+    " assignee accepting and completing each meanwhile",
+    "handoff-e2e": "handoff -> result: handoff() called to result() returned, the assignees"
+    " accepting and completing at once (handle_tasks)",
+    "workflow-chain": "workflow: coordinate() called to result() returned, runs one at a time;"
+    " per step = run p50 / steps; every step's agent answers at once",
+    "workflow-fan": "fan-out/fan-in: one root, the parallel steps after it, one join after them"
+    " all; timed like the chain",
+}
+
 #: "other" CPU (% of a core, everything but our processes) above which figures are flagged.
 DISTURBED_PERCENT = 20.0
 
@@ -58,6 +71,10 @@ def _p99(run: Run) -> float:
 
 def _max(run: Run) -> float:
     return run.max_ms
+
+
+def _step_p50(run: Run) -> float:
+    return run.step_p50_ms
 
 
 def sections(sizes: dict[str, int]) -> list[Section]:
@@ -112,6 +129,51 @@ def sections(sizes: dict[str, int]) -> list[Section]:
             f"broadcast to {sizes['agents']} agents: call to last arrival,"
             f" {sizes['rounds']} rounds",
             (Row("fan-out p50", "ms", _p50), Row("fan-out max", "ms", _max)),
+        ),
+        Section(
+            "handoff-offer",
+            "",
+            f"handoff offer: {sizes['handoff_offer']:,} handoffs by capability, one at a time,"
+            " 1 assignee",
+            (
+                Row("offers", "offers/s", _rate),
+                Row("offer latency p50", "ms", _p50),
+                Row("offer latency p99", "ms", _p99),
+                Row("offer latency max", "ms", _max),
+            ),
+        ),
+        Section(
+            "handoff-e2e",
+            "",
+            f"handoff -> result: {sizes['handoff_e2e']:,} tasks, {sizes['originators']}"
+            f" originator loops, {sizes['assignees']} assignees",
+            (
+                Row("tasks", "tasks/s", _rate),
+                Row("latency p50", "ms", _p50),
+                Row("latency p99", "ms", _p99),
+            ),
+        ),
+        Section(
+            "workflow-chain",
+            "",
+            f"workflow, {sizes['chain_steps']}-step chain: {sizes['workflow_runs']} runs,"
+            f" {sizes['assignees']} assignees",
+            (
+                Row("per step p50", "ms/step", _step_p50),
+                Row("run p50", "ms", _p50),
+                Row("run max", "ms", _max),
+            ),
+        ),
+        Section(
+            "workflow-fan",
+            "",
+            f"workflow, {sizes['fan_width']}-way fan-out/fan-in ({sizes['fan_width'] + 2} steps):"
+            f" {sizes['workflow_runs']} runs",
+            (
+                Row("per step p50", "ms/step", _step_p50),
+                Row("run p50", "ms", _p50),
+                Row("run max", "ms", _max),
+            ),
         ),
     ]
 
@@ -171,6 +233,9 @@ def table(
             f"WARNING: other processes used up to {busiest:.0f}% of a core during a measurement;"
             " the figures are disturbed (run again on a quiet machine)."
         )
+    for name, text in MEASURES.items():
+        if name in results or name in failures:
+            lines.append(f"{text}.")
     lines.append("direct latency includes queueing behind the sends in flight (window / rate).")
     lines.append(
         "ratio = agentpost / ceiling (throughput: higher is better; latency: lower is better)."
@@ -208,6 +273,7 @@ def write_json(
             "request_16_per_s": 2_500,
         },
         "references": REFERENCES,
+        "measures": {name: text for name, text in MEASURES.items() if name in results},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")

@@ -66,7 +66,7 @@ class _Arrivals:
         return False
 
 
-async def _bounded(what: str, seconds: float, work: Coroutine[Any, Any, None]) -> None:
+async def bounded(what: str, seconds: float, work: Coroutine[Any, Any, None]) -> None:
     """`work`, or a `BenchError` naming `what` if it takes longer than `seconds`."""
     try:
         async with asyncio.timeout(seconds):
@@ -108,7 +108,7 @@ async def direct(
         try:
             warmup = min(2_000, count)
             arrivals.expect(warmup)
-            await _bounded("the warm-up sends", timeout, spread(warmup, window, send))
+            await bounded("the warm-up sends", timeout, spread(warmup, window, send))
             if not await arrivals.wait(timeout):
                 raise BenchError(
                     f"warm-up: {len(arrivals.latencies):,} of {warmup:,} messages arrived"
@@ -118,7 +118,7 @@ async def direct(
             probe.begin("direct")
             try:
                 start = _now()
-                await _bounded("the sends", timeout + count / 1_000, spread(count, window, send))
+                await bounded("the sends", timeout + count / 1_000, spread(count, window, send))
                 await arrivals.wait(timeout)  # short of the goal: reported as incomplete
             finally:
                 cpu = probe.end()

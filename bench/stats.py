@@ -40,6 +40,7 @@ class Run:
     latencies_ns: list[int] = field(default_factory=list, repr=False)
     expected: int | None = None  # operations that should have completed (None: count is all)
     cpu: dict[str, float] = field(default_factory=dict)
+    steps: int | None = None  # workflow steps per operation (None: not a workflow)
 
     @property
     def complete(self) -> bool:
@@ -64,8 +65,13 @@ class Run:
     def max_ms(self) -> float:
         return max(self.latencies_ns, default=0) / 1e6
 
+    @property
+    def step_p50_ms(self) -> float:
+        """The median run's time divided by its steps (0.0 when not a workflow)."""
+        return self.p50_ms / self.steps if self.steps else 0.0
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "count": self.count,
             "expected": self.expected,
             "complete": self.complete,
@@ -76,3 +82,7 @@ class Run:
             "max_ms": round(self.max_ms, 3),
             "cpu_percent": self.cpu,
         }
+        if self.steps:
+            document["steps"] = self.steps
+            document["step_p50_ms"] = round(self.step_p50_ms, 3)
+        return document
