@@ -442,3 +442,31 @@ async def test_the_server_killed_mid_task_the_assignee_finishes_through_another(
     assert final.state == S.TASK_STATE_COMPLETED and final.attempt == 1
     assert final.result.json.string_value == "built"
     await boss.close()
+
+
+async def test_a_task_the_server_could_not_offer_is_offered_by_the_worker(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the server stores the handoff and 'dies' before its fast-path offer
+    (dispatch does nothing on the first call); the worker's safety-net check offers it."""
+    app = await start_server(worker=True)
+    target = f"127.0.0.1:{app.port}"
+    assert app.hub is not None and app.hub.tasks is not None
+    service = app.hub.tasks
+    real = service.dispatch
+    skipped: list[str] = []
+
+    async def lost_once(record: Any, task_id: str = "") -> Any:
+        if not skipped:
+            skipped.append(record.id)
+            return record
+        return await real(record, task_id)
+
+    monkeypatch.setattr(service, "dispatch", lost_once)
+    boss = Calls(target, "boss")
+    async with RawAgent(target, "patient") as agent:
+        task = await boss.handoff(agentId="patient", title="offered late")
+        assert skipped == [task.id] and task.state == S.TASK_STATE_SUBMITTED
+        offered = await next_offer(agent)  # by the worker, ~AGENTPOST dispatch grace later
+        assert offered.id == task.id and offered.attempt == 1
+    await boss.close()

@@ -380,9 +380,21 @@ async def test_an_invalid_definition_is_refused_before_anything_runs(
 
 
 async def test_the_worker_killed_mid_run_the_run_completes_without_redoing_steps(
-    start_server: StartServer, redis_url: str, key_prefix: str, tmp_path: Any
+    start_server: StartServer,
+    redis_url: str,
+    key_prefix: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     app = await start_server()  # no worker inside: the worker is a process we kill
+    # Fault injection: the server's fast path (moving the run on when a step's task ends) is
+    # lost, so only the durable path, the task's on_done job on the worker, can do it.
+    assert app.hub is not None and app.hub.workflows is not None
+
+    async def lost(task_id: str) -> None:
+        return None
+
+    monkeypatch.setattr(app.hub.workflows, "_finish_quietly", lost)
     target = f"127.0.0.1:{app.port}"
     boss = Caller(target)
     worker = spawn_worker(redis_url, key_prefix, tmp_path)

@@ -128,6 +128,7 @@ class WorkflowService:
         self._audit = audit
         self._max_steps = max_steps
         self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         tasks.observer = self.on_task_event
 
     # -- the RPCs -----------------------------------------------------------------------------
@@ -245,7 +246,15 @@ class WorkflowService:
         )
 
     async def on_task_event(self, record: TaskRecord, event: tasks_pb2.TaskEvent) -> None:
-        """Offered / started / progress news of a step's task (the task service's observer)."""
+        """News of a step's task (the task service's observer, after each commit). The end of
+        the task moves the run on at once, in the background (its on_done job, which follows
+        within the worker's polling delay, then finds nothing left to do); offered, started and
+        progress are folded in before the call that caused them returns, so they stay in order."""
+        if event.state in TERMINAL:
+            finishing = asyncio.create_task(self._finish_quietly(record.id))
+            self._background.add(finishing)
+            finishing.add_done_callback(self._background.discard)
+            return
         update = _update(record, event)
         if update is None:
             return
@@ -256,6 +265,12 @@ class WorkflowService:
                     r, record.workflow_step_id, record.workflow_attempt, update, now
                 ),
             )
+
+    async def _finish_quietly(self, task_id: str) -> None:
+        try:
+            await self.on_task_done(task_id)
+        except AgentpostError as exc:  # the on_done job will do it
+            log.info("task %s: moving its workflow on failed here (%s)", task_id, exc.message)
 
     async def on_retry_due(self, run_id: str, step_id: str, attempt: int) -> None:
         await self._apply(run_id, lambda r, now: engine.on_retry_due(r, step_id, attempt, now=now))
