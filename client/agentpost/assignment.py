@@ -22,7 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from agentpost._taskcalls import TaskCalls
-from agentpost.errors import InvalidArgumentError, RequestTimeoutError, TaskStateError
+from agentpost.errors import (
+    AgentpostError,
+    InvalidArgumentError,
+    RequestTimeoutError,
+    TaskStateError,
+)
 from agentpost.payload import fill_payload
 from agentpost.tasks import TaskEvent, TaskEventKind, TaskInfo, TaskState
 from agentpost.v1 import tasks_pb2
@@ -62,6 +67,7 @@ class Assignment:
         self._cancellation: TaskEvent | None = None
         self._finished = False
         self._answer: asyncio.Future[Any] | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- the task
 
@@ -137,6 +143,30 @@ class Assignment:
         request = self._request()
         request.accept.SetInParent()
         await self._act(request)
+        if not self._finished and self._follower is None:
+            self._follower = asyncio.create_task(self._follow(), name=f"follow-{self.id}")
+
+    async def _follow(self) -> None:
+        """While this agent holds the task, follow it with WatchTask: news (an answer, a
+        cancellation) also comes through the mailbox, but with replicas of this agent the
+        mailbox may hand it to another one; the watch reaches this one. Events before this
+        attempt's acceptance are skipped; repeats of mailbox news are harmless."""
+        ours = False
+        try:
+            async for event in self._calls.watch(self.id):
+                if not ours:
+                    ours = (
+                        event.kind is TaskEventKind.TRANSITION
+                        and event.state is TaskState.WORKING
+                        and event.attempt == self.attempt
+                        and event.actor == self._agent_id
+                    )
+                    continue
+                if self._finished:
+                    return
+                self.notice(event)
+        except AgentpostError as exc:  # the mailbox still brings the news
+            logger.debug("task %s: not following it any more: %s", self.id, exc.message)
 
     async def reject(self, reason: str = "") -> None:
         """Refuse the offer; the server offers the task elsewhere (or it ends rejected)."""
@@ -281,6 +311,9 @@ class Assignment:
     def _finish(self) -> None:
         if not self._finished:
             self._finished = True
+            follower = self._follower
+            if follower is not None and follower is not asyncio.current_task():
+                follower.cancel()
             if self._forget is not None:
                 self._forget(self)
 

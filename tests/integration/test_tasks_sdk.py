@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import agentpost
+from agentpost.v1 import envelope_pb2
 from tests.helpers import assert_eventually
 from tests.integration.test_cli import cli
 
@@ -264,3 +265,43 @@ async def test_cli_handoff_wait_exits_1_when_rejected(make_agent: Any, target: s
     assert code == 1
     assert json.loads(out)["state"] == "rejected"
     assert "rejected" in err.splitlines()[-1] and "busy" in err
+
+
+async def test_news_the_mailbox_gives_another_replica_still_reaches_the_holder(
+    make_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With replicas of one agent, the mailbox hands each TASK_UPDATE to any of them. Fault
+    injection: the holder never sees one through its mailbox (as if another replica got it);
+    it still gets the originator's answer and the cancellation, because it follows its task."""
+    planner = await make_agent("planner")
+    coder = await make_agent("coder")
+    desk = coder._session.desk
+    deliver = desk.deliver
+
+    def elsewhere(event: Any) -> None:
+        if event.delivery.kind != envelope_pb2.MESSAGE_KIND_TASK_UPDATE:
+            deliver(event)
+
+    monkeypatch.setattr(desk, "deliver", elsewhere)
+    canceled = asyncio.Event()
+
+    async def work(task: agentpost.Assignment) -> Any:
+        answer = await task.ask("which branch?", timeout=10)
+        if answer == "stop":
+            await asyncio.wait_for(task.canceled.wait(), 10)
+            canceled.set()
+        return answer
+
+    coder.handle_tasks(work)
+    for answer in ("main", "stop"):
+        handle = await planner.handoff("coder", title=answer)
+        async for question in handle.questions():
+            assert question.message == "which branch?"
+            await handle.provide_input(answer)
+            break
+        if answer == "main":
+            assert await handle.result(timeout=10) == "main"
+        else:
+            await asyncio.sleep(0.2)  # the assignee is waiting for its cancellation now
+            await handle.cancel("changed my mind")
+            await asyncio.wait_for(canceled.wait(), 10)
