@@ -63,6 +63,7 @@ def connect(
     capabilities: Sequence[str] = (),
     metadata: Mapping[str, Any] | None = None,
     subscriptions: Sequence[str] = (),
+    max_tasks: int = 0,
     options: ConnectOptions | None = None,
 ) -> AgentConnector:
     """Open a session as `agent_id` on the server at `target` ("host:port").
@@ -71,11 +72,19 @@ def connect(
     `agent = await connect(...)` and `await agent.close()` yourself. Raises the server's error
     (e.g. `InvalidAgentIdError`) or, when no session is established within
     `options.connect_timeout`, `ConnectionLostError`.
+
+    `max_tasks`: at most this many tasks held at once (offered or being worked on), across the
+    agent's sessions; more wait on the server, highest priority first. 0: no limit.
     """
     if isinstance(capabilities, str) or isinstance(subscriptions, str):
         raise InvalidArgumentError("capabilities and subscriptions are sequences of strings")
+    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 0:
+        raise InvalidArgumentError("max_tasks must be a non-negative integer (0: no limit)")
     introduce = messaging_pb2.Introduce(
-        agent_id=agent_id, capabilities=list(capabilities), subscriptions=list(subscriptions)
+        agent_id=agent_id,
+        capabilities=list(capabilities),
+        subscriptions=list(subscriptions),
+        max_tasks=max_tasks,
     )
     if metadata:
         fill_struct(introduce.metadata, metadata)

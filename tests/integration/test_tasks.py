@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from agentpost._status import from_rpc_error
 from agentpost.errors import TaskStateError
-from agentpost.v1 import envelope_pb2, messaging_pb2_grpc, tasks_pb2
+from agentpost.v1 import envelope_pb2, messaging_pb2, messaging_pb2_grpc, tasks_pb2
 from tests.conftest import StartServer
 from tests.helpers import assert_eventually
 from tests.integration.raw import RawAgent
@@ -470,3 +470,38 @@ async def test_a_task_the_server_could_not_offer_is_offered_by_the_worker(
         offered = await next_offer(agent)  # by the worker, ~AGENTPOST dispatch grace later
         assert offered.id == task.id and offered.attempt == 1
     await boss.close()
+
+
+async def test_an_agent_with_max_tasks_gets_the_waiting_ones_by_priority(
+    start_server: StartServer,
+) -> None:
+    app = await start_server()
+    target = f"127.0.0.1:{app.port}"
+    boss, busy = Calls(target, "boss"), Calls(target, "single")
+    async with RawAgent(target, "single", capabilities=["one"], max_tasks=1) as agent:
+        first = await boss.handoff(capability="one", title="first")
+        held = await next_offer(agent)
+        assert held.id == first.id
+        low = await boss.handoff(capability="one", title="low", priority=-1)
+        await boss.handoff(agentId="single", title="high", priority=9)
+        await boss.handoff(capability="one", title="normal")
+        await asyncio.sleep(0.3)
+        assert len(offers(agent)) == 1  # it holds one: the others wait
+        assert (await boss.get(low.id)).state == S.TASK_STATE_SUBMITTED
+        order = []
+        for seen in range(1, 4):
+            current = offers(agent)[-1]
+            await busy.update(current, accept={})
+            await busy.update(current, complete={"result": {"json": current.spec.title}})
+            nxt = await next_offer(agent, seen)
+            order.append(nxt.spec.title)
+        # "high" waits in the agent's own queue, the others in the capability's: each queue is
+        # offered best first, and the agent's own queue is looked at first.
+        assert order == ["high", "normal", "low"]
+        info = await Calls(target, "x").call(
+            "GetAgent",
+            messaging_pb2.GetAgentRequest(agent_id="single"),
+        )
+        assert info.agent.max_tasks == 1
+    await boss.close()
+    await busy.close()

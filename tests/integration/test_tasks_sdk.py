@@ -305,3 +305,25 @@ async def test_news_the_mailbox_gives_another_replica_still_reaches_the_holder(
             await asyncio.sleep(0.2)  # the assignee is waiting for its cancellation now
             await handle.cancel("changed my mind")
             await asyncio.wait_for(canceled.wait(), 10)
+
+
+async def test_max_tasks_keeps_an_agent_to_one_task_at_a_time(make_agent: Any) -> None:
+    planner = await make_agent("planner")
+    solo = await make_agent("solo", capabilities=["c"], max_tasks=1)
+    running = 0
+    most = 0
+
+    @solo.on_task
+    async def work(task: agentpost.Assignment) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return task.title
+
+    handles = [await planner.handoff(capability="c", title=f"t{i}") for i in range(5)]
+    assert [await h.result(timeout=15) for h in handles] == [f"t{i}" for i in range(5)]
+    assert most == 1
+    with pytest.raises(agentpost.InvalidArgumentError):
+        await agentpost.connect("127.0.0.1:1", agent_id="x", max_tasks=-1)

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentpost/v1/agents.proto\x12\x0c\x61gentpost.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12\x10\n\x08sessions\x18\x05 \x01(\x05\x12\x33\n\x0f\x63onnected_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nfirst_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07pending\x18\t \x01(\x03*j\n\x0ePresenceFilter\x12\x1f\n\x1bPRESENCE_FILTER_UNSPECIFIED\x10\x00\x12\x1a\n\x16PRESENCE_FILTER_ONLINE\x10\x01\x12\x1b\n\x17PRESENCE_FILTER_OFFLINE\x10\x02\x42@Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentpost/v1/agents.proto\x12\x0c\x61gentpost.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12\x10\n\x08sessions\x18\x05 \x01(\x05\x12\x33\n\x0f\x63onnected_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nfirst_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07pending\x18\t \x01(\x03\x12\x11\n\tmax_tasks\x18\n \x01(\x05*j\n\x0ePresenceFilter\x12\x1f\n\x1bPRESENCE_FILTER_UNSPECIFIED\x10\x00\x12\x1a\n\x16PRESENCE_FILTER_ONLINE\x10\x01\x12\x1b\n\x17PRESENCE_FILTER_OFFLINE\x10\x02\x42@Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.v1.agents_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z>github.com/agentpost/agentpost/gen/go/agentpost/v1;agentpostv1'
-  _globals['_PRESENCEFILTER']._serialized_start=402
-  _globals['_PRESENCEFILTER']._serialized_end=508
+  _globals['_PRESENCEFILTER']._serialized_start=421
+  _globals['_PRESENCEFILTER']._serialized_end=527
   _globals['_AGENTINFO']._serialized_start=107
-  _globals['_AGENTINFO']._serialized_end=400
+  _globals['_AGENTINFO']._serialized_end=419
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,7 @@ class AgentInfo(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     FIRST_SEEN_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id."""
     online: _builtins.bool
@@ -68,6 +69,8 @@ class AgentInfo(_message.Message):
     """How many sessions (replicas) of the agent are connected."""
     pending: _builtins.int
     """Messages waiting in the agent's mailbox (stored and not yet acknowledged)."""
+    max_tasks: _builtins.int
+    """How many tasks the agent takes at once (its latest session's `max_tasks`); 0: no limit."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the agent said it can do, for example "code" or "review"."""
@@ -100,10 +103,11 @@ class AgentInfo(_message.Message):
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         first_seen: _timestamp_pb2.Timestamp | None = ...,
         pending: _builtins.int = ...,
+        max_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_since", b"connected_since", "first_seen", b"first_seen", "last_seen", b"last_seen", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "connected_since", b"connected_since", "first_seen", b"first_seen", "last_seen", b"last_seen", "metadata", b"metadata", "online", b"online", "pending", b"pending", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "connected_since", b"connected_since", "first_seen", b"first_seen", "last_seen", b"last_seen", "max_tasks", b"max_tasks", "metadata", b"metadata", "online", b"online", "pending", b"pending", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

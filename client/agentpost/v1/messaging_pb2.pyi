@@ -172,6 +172,7 @@ class Introduce(_message.Message):
     SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     MAX_UNACKED_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id (see ERROR_REASON_INVALID_AGENT_ID for the rule). Several sessions may share
     one id: they are replicas, and each direct message goes to exactly one of them.
@@ -184,6 +185,10 @@ class Introduce(_message.Message):
     max_unacked: _builtins.int
     """At most this many unacknowledged deliveries in flight to this session (flow control);
     0 means the server's default. The rest waits in the mailbox.
+    """
+    max_tasks: _builtins.int
+    """At most this many tasks held by the agent at once (offered or being worked on), across all
+    its sessions; 0: no limit. Further tasks wait, highest priority first, until one ends.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -206,10 +211,11 @@ class Introduce(_message.Message):
         subscriptions: _abc.Iterable[_builtins.str] | None = ...,
         instance_id: _builtins.str = ...,
         max_unacked: _builtins.int = ...,
+        max_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "instance_id", b"instance_id", "max_unacked", b"max_unacked", "metadata", b"metadata", "subscriptions", b"subscriptions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "instance_id", b"instance_id", "max_tasks", b"max_tasks", "max_unacked", b"max_unacked", "metadata", b"metadata", "subscriptions", b"subscriptions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,8 @@ from agentpost_server.core.workflows.driver import WorkflowService
 
 log = logging.getLogger(__name__)
 
+MAX_TASKS_PER_AGENT = 100_000
+
 Kind = envelope_pb2.MessageKind
 Envelope = envelope_pb2.Envelope
 Payload = payload_pb2.Payload
@@ -121,6 +123,11 @@ class Hub:
             raise InvalidArgumentError(
                 "max_unacked must not be negative", metadata={"field": "max_unacked"}
             )
+        if not 0 <= intro.max_tasks <= MAX_TASKS_PER_AGENT:
+            raise InvalidArgumentError(
+                f"max_tasks must be between 0 (no limit) and {MAX_TASKS_PER_AGENT}",
+                metadata={"field": "max_tasks"},
+            )
         window = min(intro.max_unacked or self.limits.default_window, self.limits.max_window)
         most = self.limits.max_sessions_per_agent
         if len(await self._presence.sessions_of(agent_id)) >= most:
@@ -137,7 +144,7 @@ class Hub:
             principal=principal,
         )
         self.subscribe(session, patterns)
-        record = AgentRecord(agent_id, capabilities, metadata)
+        record = AgentRecord(agent_id, capabilities, metadata, intro.max_tasks)
         try:
             came_online = await self._presence.add_session(
                 record, session.id, self.server_id, instance_id

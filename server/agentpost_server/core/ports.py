@@ -78,6 +78,7 @@ class AgentRecord:
     agent_id: str
     capabilities: Sequence[str]
     metadata: Mapping[str, Any]
+    max_tasks: int = 0  # tasks held at once; 0: no limit
 
 
 class PresenceStore(Protocol):
@@ -113,6 +114,10 @@ class PresenceStore(Protocol):
 
     async def capable(self, capability: str) -> list[tuple[str, bool]]:
         """(agent id, online) of every agent advertising the capability."""
+        ...
+
+    async def task_limits(self, agent_ids: Sequence[str]) -> list[int]:
+        """Each agent's `max_tasks` (0: no limit)."""
         ...
 
     async def list_agents(

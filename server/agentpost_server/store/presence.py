@@ -58,11 +58,12 @@ return 1
 
 # KEYS: agent, agent_sessions, server_sessions, agents, servers, mailbox, broadcast log
 # ARGV: session_id, "server_id instance_id", agent_id, capabilities_json, metadata_json, now_ms,
-#       server_id
+#       server_id, max_tasks
 _ADD = (
     _KNOW
     + """
 know(KEYS[1], KEYS[4], KEYS[6], KEYS[7], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+redis.call('HSET', KEYS[1], 'max_tasks', ARGV[8])
 local before = redis.call('HLEN', KEYS[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
@@ -127,6 +128,7 @@ class RedisPresence:
                     json.dumps(dict(agent.metadata)),
                     _now_ms(),
                     server_id,
+                    agent.max_tasks,
                 ],
             )
         return bool(result)
@@ -173,6 +175,19 @@ class RedisPresence:
                     pipe.hlen(k.agent_sessions(agent_id))
                 sessions = await pipe.execute()
         return [(agent_id, bool(n)) for agent_id, n in zip(members, sessions, strict=True)]
+
+    async def task_limits(self, agent_ids: Sequence[str]) -> list[int]:
+        k = self._keys
+        with unavailable_on_redis_error("looking up task limits"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    pipe.hget(k.agent(agent_id), "max_tasks")
+                raw = await pipe.execute()
+        limits = []
+        for value in raw:
+            text = _text(value) if value else "0"
+            limits.append(int(text) if text.isdigit() else 0)
+        return limits
 
     async def remove_session(self, agent_id: str, session_id: str, server_id: str) -> bool:
         k = self._keys
@@ -294,6 +309,9 @@ def _agent_info(agent_id: str, raw: dict[Any, Any], sessions: int) -> agents_pb2
         value = fields.get(name)
         if value and value.isdigit() and (name != "connected_since" or sessions > 0):
             getattr(info, name).FromMilliseconds(int(value))
+    max_tasks = fields.get("max_tasks", "")
+    if max_tasks.isdigit() and int(max_tasks) < 1 << 31:
+        info.max_tasks = int(max_tasks)
     return info
 
 

@@ -47,6 +47,10 @@ if plan.idem then
 end
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '-1')
 if v ~= tonumber(plan.v) then return {'conflict', tostring(v)} end
+if plan.limit then
+  local held = tonumber(redis.call('ZSCORE', KEYS[8], plan.limit[1]) or '0')
+  if held >= tonumber(plan.limit[2]) then return {'busy', plan.limit[1]} end
+end
 if plan.idem then redis.call('SET', plan.idem[1], plan.id, 'PX', plan.idem[2]) end
 local nv = v < 0 and 1 or v + 1
 local hs = {'v', nv}
@@ -163,9 +167,10 @@ class RedisTasks:
         *,
         idempotency: tuple[str, str] | None = None,
     ) -> Committed | str | None:
-        """Apply `change` if the task is still at `version` (-1: create it). Returns what was
-        committed, None on a version conflict, or (creating with an idempotency key that was
-        used before) the earlier task's id."""
+        """Apply `change` if the task is still at `version` (-1: create it) and the agent of
+        `change.limit` holds fewer tasks than its limit. Returns what was committed, None on a
+        version conflict (or a full agent), or (creating with an idempotency key that was used
+        before) the earlier task's id."""
         k = self._keys
         now = _now_ms()
         blobs: list[bytes | str] = []
@@ -204,6 +209,8 @@ class RedisTasks:
                 str(now),
                 json.dumps(dict(change.details)),
             ]
+        if change.limit is not None:
+            plan["limit"] = [change.limit[0], str(change.limit[1])]
         if change.enqueue:
             plan["enq"] = [self._waiting(change.enqueue), repr(change.score)]
         for job in change.jobs:

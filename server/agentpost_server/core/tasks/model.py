@@ -108,6 +108,7 @@ class Change:
     score: float = 0.0  # lower is offered first: see `waiting_score`
     dequeue: str = ""  # a waiting queue to leave
     load: dict[str, int] = field(default_factory=dict)  # agent id -> change in held tasks
+    limit: tuple[str, int] | None = None  # commit only while this agent holds fewer tasks
     mail: list[Mail] = field(default_factory=list)
     jobs: list[Job] = field(default_factory=list)
     terminal: bool = False  # ends the task: kept for the retention, then deleted

@@ -15,7 +15,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from agentpost.errors import (
     AgentNotFoundError,
@@ -294,9 +295,16 @@ class TaskService:
                 return record
             else:
                 candidates, refusers = await self._candidates(record)
-                if candidates:
-                    assignee = await self._pick(candidates)
+                chosen = await self._pick(candidates) if candidates else None
+                if chosen is not None:
+                    assignee, limit = chosen
                     change = lifecycle.offer(record, assignee, now, self._ids.new())
+                    if limit:
+                        change.limit = (assignee, limit)
+                elif candidates:  # all busy: wait for a free one
+                    if record.queued:
+                        return record
+                    change = lifecycle.wait(record, now)
                 elif refusers:
                     why = "rejected by every capable agent online: " + ", ".join(sorted(refusers))
                     change = lifecycle.end(
@@ -326,20 +334,39 @@ class TaskService:
         fresh = [a for a in willing if a not in record.tried]
         return (fresh or willing), [a for a in online if a in record.rejected_by]
 
-    async def _pick(self, candidates: list[str]) -> str:
-        """The least loaded candidate; ties broken at random, so load spreads."""
-        if len(candidates) == 1:
-            return candidates[0]
+    async def _pick(self, candidates: list[str]) -> tuple[str, int] | None:
+        """The least loaded candidate with room (its `max_tasks`), ties broken at random so
+        that load spreads; None when every candidate holds as many tasks as it takes."""
         loads = await self.store.loads(candidates)
-        least = min(loads)
-        return random.choice([a for a, n in zip(candidates, loads, strict=True) if n == least])
+        limits = await self._presence.task_limits(candidates)
+        room = [
+            (agent, held, limit)
+            for agent, held, limit in zip(candidates, loads, limits, strict=True)
+            if not limit or held < limit
+        ]
+        if not room:
+            return None
+        least = min(held for _, held, _ in room)
+        agent, _, limit = random.choice([entry for entry in room if entry[1] == least])
+        return agent, limit
 
     def on_agent_online(self, agent_id: str, capabilities: Sequence[str]) -> None:
         """An agent opened a session here: offer it what waits for it or its capabilities."""
-        queues = [f"a:{agent_id}", *(f"c:{c}" for c in capabilities)]
-        task = asyncio.create_task(self._drain_quietly(queues))
+        self._spawn(self._drain_quietly([f"a:{agent_id}", *(f"c:{c}" for c in capabilities)]))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _freed(self, agent_id: str) -> None:
+        """The agent gave a task back: if it takes a limited number, offer it what waits."""
+        try:
+            info = await self._presence.get_agent(agent_id)
+        except AgentpostError:
+            return  # the sweep will do it
+        if info is not None and info.online and info.max_tasks:
+            await self._drain_quietly([f"a:{agent_id}", *(f"c:{c}" for c in info.capabilities)])
 
     async def _drain_quietly(self, queues: Sequence[str]) -> None:
         await self._drain(queues)
@@ -417,9 +444,13 @@ class TaskService:
         )
 
     async def _after(self, record: TaskRecord, change: Change, committed: Committed) -> None:
-        """After a commit: wake the mailboxes it wrote to; tell the workflow observer."""
+        """After a commit: wake the mailboxes it wrote to; offer what waits for an agent that
+        has room again; tell the workflow observer."""
         for mail in change.mail:
             self._wake(mail.agent_id)
+        for agent_id, delta in change.load.items():
+            if delta < 0:
+                self._spawn(self._freed(agent_id))
         if self.observer is not None and record.workflow_run_id and change.event is not None:
             event = tasks_pb2.TaskEvent()
             event.CopyFrom(change.event)
