@@ -18,7 +18,7 @@ import grpc
 
 from agentpost import _status
 from agentpost.config import ConnectOptions
-from agentpost.errors import ConnectionLostError, UnavailableError
+from agentpost.errors import ConnectionLostError, RequestTimeoutError, UnavailableError
 from agentpost.v1 import messaging_pb2_grpc
 
 __all__ = ["AGENT_ID_METADATA", "Caller", "Metadata", "Stub", "closed_error"]
@@ -86,10 +86,18 @@ class Caller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + options.request_timeout
         backoff = options.reconnect_initial_backoff
+        unavailable: UnavailableError | None = None
         while True:
             try:
                 return await self.once(invoke, max(0.0, deadline - loop.time()))
+            except RequestTimeoutError:
+                # A retry cut short by the overall deadline: the server was unavailable until
+                # then, which is the more useful thing to say.
+                if unavailable is not None:
+                    raise unavailable from None
+                raise
             except UnavailableError as exc:
+                unavailable = exc
                 delay = backoff * random.uniform(0.5, 1.5)
                 if loop.time() + delay >= deadline or exc.metadata.get("channel") == "closed":
                     raise
