@@ -67,7 +67,7 @@ class Assignment:
         self._cancellation: TaskEvent | None = None
         self._finished = False
         self._answer: asyncio.Future[Any] | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._asked = 0  # questions asked in this attempt
 
     # ----------------------------------------------------------------- the task
 
@@ -143,24 +143,22 @@ class Assignment:
         request = self._request()
         request.accept.SetInParent()
         await self._act(request)
-        if not self._finished and self._follower is None:
-            self._follower = asyncio.create_task(self._follow(), name=f"follow-{self.id}")
 
-    async def _follow(self) -> None:
-        """While this agent holds the task, follow it with WatchTask: news (an answer, a
-        cancellation) also comes through the mailbox, but with replicas of this agent the
-        mailbox may hand it to another one; the watch reaches this one. Events before this
-        attempt's acceptance are skipped; repeats of mailbox news are harmless."""
-        ours = False
+    async def _follow(self, asked: int) -> None:
+        """While `ask()` waits, follow the task with WatchTask: the answer (or the loss of the
+        task) also comes through the mailbox, but with replicas of this agent the mailbox may
+        hand it to another one; the watch reaches this one. Events up to this attempt's
+        `asked`-th question are skipped; repeats of mailbox news are harmless."""
+        seen = 0
         try:
             async for event in self._calls.watch(self.id):
-                if not ours:
-                    ours = (
+                if seen < asked:
+                    if (
                         event.kind is TaskEventKind.TRANSITION
-                        and event.state is TaskState.WORKING
+                        and event.state is TaskState.INPUT_REQUIRED
                         and event.attempt == self.attempt
-                        and event.actor == self._agent_id
-                    )
+                    ):
+                        seen += 1
                     continue
                 if self._finished:
                     return
@@ -222,8 +220,11 @@ class Assignment:
             fill_payload(asked.payload, payload, content_type=content_type)
         # Waiting before asking: the answer may come before UpdateTask's response does.
         answer = self._answer = asyncio.get_running_loop().create_future()
+        follower: asyncio.Task[None] | None = None
         try:
             await self._act(request)
+            self._asked += 1
+            follower = asyncio.create_task(self._follow(self._asked), name=f"follow-{self.id}")
             try:
                 async with asyncio.timeout(timeout):
                     return await answer
@@ -235,6 +236,8 @@ class Assignment:
                     metadata={"task_id": self.id},
                 ) from None
         finally:
+            if follower is not None:
+                follower.cancel()
             self._answer = None
             if not answer.done():
                 answer.cancel()
@@ -311,9 +314,6 @@ class Assignment:
     def _finish(self) -> None:
         if not self._finished:
             self._finished = True
-            follower = self._follower
-            if follower is not None and follower is not asyncio.current_task():
-                follower.cancel()
             if self._forget is not None:
                 self._forget(self)
 

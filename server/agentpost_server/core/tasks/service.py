@@ -337,8 +337,10 @@ class TaskService:
     async def _pick(self, candidates: list[str]) -> tuple[str, int] | None:
         """The least loaded candidate with room (its `max_tasks`), ties broken at random so
         that load spreads; None when every candidate holds as many tasks as it takes."""
-        loads = await self.store.loads(candidates)
         limits = await self._presence.task_limits(candidates)
+        if len(candidates) == 1 and not limits[0]:
+            return candidates[0], 0  # the only one, and it takes any number
+        loads = await self.store.loads(candidates)
         room = [
             (agent, held, limit)
             for agent, held, limit in zip(candidates, loads, limits, strict=True)
@@ -362,10 +364,12 @@ class TaskService:
     async def _freed(self, agent_id: str) -> None:
         """The agent gave a task back: if it takes a limited number, offer it what waits."""
         try:
+            if not (await self._presence.task_limits([agent_id]))[0]:
+                return  # no limit: nothing waits for room on this agent
             info = await self._presence.get_agent(agent_id)
         except AgentpostError:
             return  # the sweep will do it
-        if info is not None and info.online and info.max_tasks:
+        if info is not None and info.online:
             await self._drain_quietly([f"a:{agent_id}", *(f"c:{c}" for c in info.capabilities)])
 
     async def _drain_quietly(self, queues: Sequence[str]) -> None:

@@ -43,7 +43,6 @@ from agentpost_server.core.tasks.model import (
     INPUT_REQUIRED,
     OFFERED,
     SERVER_ACTOR,
-    SUBMITTED,
     TERMINAL,
     WORKING,
     TaskRecord,
@@ -499,9 +498,9 @@ def _update(record: TaskRecord, event: tasks_pb2.TaskEvent) -> TaskUpdate | None
     if event.kind == K.TASK_EVENT_KIND_PROGRESS:
         kind, percent = UpdateKind.PROGRESS, event.percent
     elif event.kind == K.TASK_EVENT_KIND_TRANSITION:
-        if event.state == SUBMITTED:
-            kind = UpdateKind.SUBMITTED
-        elif event.state == OFFERED:
+        # (SUBMITTED is not reported: the offer names the task too, and until then the driver
+        # finds the task by its idempotency key; one commit of the run saved per step.)
+        if event.state == OFFERED:
             kind = UpdateKind.OFFERED
         elif event.state == WORKING:
             kind = UpdateKind.STARTED
