@@ -123,7 +123,7 @@ async def test_an_invalid_workflow_from_grpcurl_names_its_cycle(target):
             }
         }
     )
-    code, out, err = await grpcurl("-d", body, target, "agentpost.v1.AgentMessaging/Coordinate")
+    code, _out, err = await grpcurl("-d", body, target, "agentpost.v1.AgentMessaging/Coordinate")
     assert code != 0
     assert "InvalidArgument" in err and "cycle: a -> b -> a" in err
     assert '"reason":"INVALID_WORKFLOW"' in err
