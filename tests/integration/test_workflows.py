@@ -19,6 +19,7 @@ from agentpost.payload import from_payload, to_payload
 from agentpost.v1 import envelope_pb2, messaging_pb2_grpc, tasks_pb2, workflows_pb2
 from agentpost.workflow import definition_from_dict
 from tests.conftest import StartServer
+from tests.helpers import assert_eventually
 from tests.integration.raw import RawAgent
 from tests.integration.test_tasks import spawn_worker
 
@@ -417,7 +418,13 @@ async def test_the_worker_killed_mid_run_the_run_completes_without_redoing_steps
                 seen += await boss.events(run_id="survivor", after=seen[-1].seq, stop_after=1)
             worker.send_signal(signal.SIGKILL)  # while "two" runs
             worker.wait(10)
-            await asyncio.sleep(2.0)  # "two" completes with no worker to notice
+            two = next(e.task_id for e in seen if e.step_id == "two" and e.task_id)
+
+            async def two_completed() -> bool:  # with no worker to notice
+                task = (await boss.call("GetTask", tasks_pb2.GetTaskRequest(task_id=two))).task
+                return bool(task.state == tasks_pb2.TASK_STATE_COMPLETED)
+
+            await assert_eventually(two_completed, timeout=10)
             settled = await boss.events(run_id="survivor", stop_after=len(seen))
             assert "STEP_COMPLETED" not in kinds(settled, "two")
             worker = spawn_worker(redis_url, key_prefix, tmp_path)

@@ -11,7 +11,6 @@ read candidates, one to commit). The arq worker only keeps time: the jobs a comm
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -28,6 +27,7 @@ from agentpost.errors import (
 )
 from agentpost.v1 import tasks_pb2
 from agentpost_server.core import names
+from agentpost_server.core.follow import Follow
 from agentpost_server.core.ids import UlidFactory
 from agentpost_server.core.ports import Job, PresenceStore, TaskStore
 from agentpost_server.core.tasks import lifecycle
@@ -55,7 +55,6 @@ MAX_ATTEMPTS = 100
 MAX_ACCEPT_MS = 86_400_000
 MAX_REFERENCES = 64
 _CONFLICT_RETRIES = 8
-_WATCH_RECHECK = 5.0  # seconds between re-reads while watching, should a notification be lost
 K = tasks_pb2.TaskEventKind
 
 
@@ -80,7 +79,7 @@ class TaskService:
         self._wake = wake
         self.config = config
         self._max_payload = max_payload_bytes
-        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._follow: Follow[tasks_pb2.TaskEvent] = Follow()
         self._background: set[asyncio.Task[None]] = set()
         # Told about every event of a task that belongs to a workflow run (best effort: the
         # durable path is the task's on_done job).
@@ -138,31 +137,23 @@ class TaskService:
     ) -> AsyncIterator[list[tasks_pb2.TaskEvent]]:
         """The task's events after `after_seq`, as they happen; ends after the terminal one."""
         await self._visible(caller, admin, task_id)
-        wakeup = asyncio.Event()
-        self._watchers.setdefault(task_id, set()).add(wakeup)
-        try:
-            after = after_seq
-            while True:
-                wakeup.clear()
-                events = await self.store.history(task_id, after, 1000)
-                if events:
-                    yield events
-                    after = events[-1].seq
-                    if events[-1].state in TERMINAL:
-                        return
-                    continue
-                record = await self.store.load(task_id)
-                if record is None or (record.state in TERMINAL and after >= record.seq):
-                    return
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_WATCH_RECHECK):
-                        await wakeup.wait()
-        finally:
-            waiting = self._watchers.get(task_id)
-            if waiting is not None:
-                waiting.discard(wakeup)
-                if not waiting:
-                    del self._watchers[task_id]
+
+        async def read(after: int) -> list[tasks_pb2.TaskEvent]:
+            return await self.store.history(task_id, after, 1000)
+
+        async def finished(after: int) -> bool:
+            record = await self.store.load(task_id)
+            return record is None or (record.state in TERMINAL and after >= record.seq)
+
+        async for events in self._follow.stream(
+            task_id,
+            after_seq,
+            read=read,
+            position=lambda event: event.seq,
+            ends=lambda event: event.state in TERMINAL,
+            finished=finished,
+        ):
+            yield events
 
     async def cancel(self, caller: str, admin: bool, task_id: str, reason: str) -> tasks_pb2.Task:
         def decide(record: TaskRecord, now: int) -> Change:
@@ -470,14 +461,11 @@ class TaskService:
 
     def notify(self, task_id: str) -> None:
         """The bus says the task has new events."""
-        for wakeup in self._watchers.get(task_id, ()):
-            wakeup.set()
+        self._follow.notify(task_id)
 
     def notify_all(self) -> None:
         """The bus reconnected: notifications may have been missed."""
-        for waiting in self._watchers.values():
-            for wakeup in waiting:
-                wakeup.set()
+        self._follow.notify_all()
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from agentpost.errors import (
 from agentpost.payload import content_type_of, from_payload, to_payload
 from agentpost.v1 import tasks_pb2, workflows_pb2
 from agentpost_server.core import names
+from agentpost_server.core.follow import Follow
 from agentpost_server.core.ids import UlidFactory
 from agentpost_server.core.ports import Audit, Job
 from agentpost_server.core.tasks.model import (
@@ -76,7 +77,6 @@ _END = frozenset(
 )
 _KICK_AFTER_MS = 3_000
 _CONFLICT_RETRIES = 16
-_WATCH_RECHECK = 5.0
 Result = tuple[workflows_pb2.WorkflowRun, list[Action]]
 
 
@@ -126,7 +126,7 @@ class WorkflowService:
         self._ids = ids
         self._audit = audit
         self._max_steps = max_steps
-        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._follow: Follow[workflows_pb2.WorkflowEvent] = Follow()
         self._background: set[asyncio.Task[None]] = set()
         tasks.observer = self.on_task_event
 
@@ -443,42 +443,28 @@ class WorkflowService:
     async def _stream(
         self, run_id: str, after_seq: int
     ) -> AsyncIterator[list[workflows_pb2.WorkflowEvent]]:
-        wakeup = asyncio.Event()
-        self._watchers.setdefault(run_id, set()).add(wakeup)
-        try:
-            after = after_seq
-            while True:
-                wakeup.clear()
-                events = await self.store.events(run_id, after, 1000)
-                if events:
-                    yield events
-                    after = events[-1].seq
-                    if events[-1].kind in _END:
-                        return
-                    continue
-                loaded = await self.store.load(run_id)
-                if loaded is None or (
-                    engine.is_terminal(loaded[0]) and after >= loaded[0].last_seq
-                ):
-                    return
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_WATCH_RECHECK):
-                        await wakeup.wait()
-        finally:
-            waiting = self._watchers.get(run_id)
-            if waiting is not None:
-                waiting.discard(wakeup)
-                if not waiting:
-                    del self._watchers[run_id]
+        async def read(after: int) -> list[workflows_pb2.WorkflowEvent]:
+            return await self.store.events(run_id, after, 1000)
+
+        async def finished(after: int) -> bool:
+            loaded = await self.store.load(run_id)
+            return loaded is None or (engine.is_terminal(loaded[0]) and after >= loaded[0].last_seq)
+
+        async for events in self._follow.stream(
+            run_id,
+            after_seq,
+            read=read,
+            position=lambda event: event.seq,
+            ends=lambda event: event.kind in _END,
+            finished=finished,
+        ):
+            yield events
 
     def notify(self, run_id: str) -> None:
-        for wakeup in self._watchers.get(run_id, ()):
-            wakeup.set()
+        self._follow.notify(run_id)
 
     def notify_all(self) -> None:
-        for waiting in self._watchers.values():
-            for wakeup in waiting:
-                wakeup.set()
+        self._follow.notify_all()
 
 
 def _json(payload: Any) -> Any:
