@@ -9,19 +9,21 @@ uses it on its own channel, an `Agent` on its session's channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from agentpost import _status
 from agentpost.config import ConnectOptions
 from agentpost.errors import ConnectionLostError, RequestTimeoutError, UnavailableError
 from agentpost.v1 import messaging_pb2_grpc
 
-__all__ = ["AGENT_ID_METADATA", "Caller", "Metadata", "Stub", "closed_error"]
+__all__ = ["AGENT_ID_METADATA", "Caller", "Metadata", "Stub", "closed_error", "drain"]
 
 #: The request metadata that names the calling agent on unary calls.
 AGENT_ID_METADATA = "agentpost-agent-id"
@@ -111,3 +113,12 @@ def closed_error() -> ConnectionLostError:
     return ConnectionLostError(
         "the connection is closed (the agent or client was closed)", metadata={"channel": "closed"}
     )
+
+
+async def drain(call: Any) -> None:
+    """Read the end of a stream whose last event came (the server ends it right after), so
+    that the call finishes rather than being canceled (which logs noise at loop shutdown)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            while isinstance(await call.read(), Message):  # grpc's EOF is not one
+                pass

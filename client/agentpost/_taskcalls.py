@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Sequence
 import grpc
 
 from agentpost import _status
-from agentpost._caller import Caller, closed_error
+from agentpost._caller import Caller, closed_error, drain
 from agentpost._keys import RETRY_KEY_PREFIX
 from agentpost.audit import AuditRecord
 from agentpost.errors import InvalidArgumentError, UnavailableError
@@ -156,6 +156,7 @@ class TaskCalls:
                         backoff = options.reconnect_initial_backoff
                         yield event
                         if event.terminal:
+                            await drain(call)
                             return
             except grpc.aio.UsageError:
                 raise closed_error() from None
@@ -175,7 +176,11 @@ class TaskCalls:
                 # left of its history (or nothing), at once.
                 if ended:
                     return
-                if (await self.get(task_id)).state.terminal:
+                try:
+                    over = (await self.get(task_id)).state.terminal
+                except UnavailableError:
+                    over = False  # the server is away: resume with backoff
+                if over:
                     ended = True
                     continue
             finally:

@@ -9,16 +9,15 @@ stream after the last event seen, so every event comes once, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
 from agentpost import _status
-from agentpost._caller import Caller, closed_error
+from agentpost._caller import Caller, closed_error, drain
 from agentpost.errors import (
     AgentpostError,
     ConnectionLostError,
@@ -146,7 +145,7 @@ class WorkflowCalls:
                         backoff = options.reconnect_initial_backoff
                         yield event
                         if event.terminal:
-                            await _drain(call)
+                            await drain(call)
                             return
             except grpc.aio.UsageError:
                 raise closed_error() from None
@@ -224,12 +223,3 @@ def _explained(error: AgentpostError) -> AgentpostError:
             metadata=error.metadata,
         )
     return error
-
-
-async def _drain(call: Any) -> None:
-    """Read the end of a stream whose last event came (the server ends it right after), so
-    that the call is finished rather than canceled."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(1.0):
-            while isinstance(await call.read(), workflows_pb2.CoordinateResponse):
-                pass
