@@ -25,17 +25,16 @@ from agentpost.errors import (
     InvalidArgumentError,
     LimitExceededError,
     NoResponderError,
-    PayloadTooLargeError,
     ProtocolViolationError,
     ServerShuttingDownError,
     UnknownRequestError,
 )
 from agentpost.v1 import agents_pb2, envelope_pb2, errors_pb2, messaging_pb2, payload_pb2
 from agentpost_server.bus.v1 import bus_pb2
-from agentpost_server.core import events, fanout, names, nesting
+from agentpost_server.core import events, fanout, introduction, names, stamping
 from agentpost_server.core.auth import Guard, Principal
-from agentpost_server.core.ids import UlidFactory, new_instance_id
-from agentpost_server.core.limits import Limits, check_headers
+from agentpost_server.core.ids import UlidFactory
+from agentpost_server.core.limits import Limits
 from agentpost_server.core.ports import (
     AgentRecord,
     Bus,
@@ -54,8 +53,6 @@ from agentpost_server.core.tasks.service import TaskService
 from agentpost_server.core.workflows.driver import WorkflowService
 
 log = logging.getLogger(__name__)
-
-MAX_TASKS_PER_AGENT = 100_000
 
 Kind = envelope_pb2.MessageKind
 Envelope = envelope_pb2.Envelope
@@ -100,35 +97,13 @@ class Hub:
         """Open an agent session; `principal` (default: the introduction's word) must be allowed
         to be that agent, to advertise its capabilities and to subscribe to its patterns."""
         self._check_accepting()
-        agent_id = names.check_agent_id(intro.agent_id)
-        capabilities = names.check_capabilities(intro.capabilities)
-        patterns = [names.check_pattern(p, "subscriptions") for p in intro.subscriptions]
-        if intro.metadata.ByteSize() > self.limits.max_metadata_bytes:
-            raise InvalidArgumentError(
-                f"metadata is {intro.metadata.ByteSize()} bytes; the limit is"
-                f" {self.limits.max_metadata_bytes}",
-                metadata={"field": "metadata"},
-            )
-        metadata = events.struct_to_dict(intro.metadata)
+        asked = introduction.check(intro, self.limits)
+        agent_id, capabilities, patterns = asked.agent_id, asked.capabilities, asked.patterns
+        metadata, instance_id, window = asked.metadata, asked.instance_id, asked.window
         principal = principal or Principal.open(agent_id)
         self.guard.act_as(principal, agent_id, "connect_as")
         self.guard.advertise(principal, agent_id, capabilities)
         self.guard.subscribe(principal, patterns)
-        instance_id = (
-            names.check_agent_id(intro.instance_id, "instance_id")
-            if intro.instance_id
-            else new_instance_id()
-        )
-        if intro.max_unacked < 0:
-            raise InvalidArgumentError(
-                "max_unacked must not be negative", metadata={"field": "max_unacked"}
-            )
-        if not 0 <= intro.max_tasks <= MAX_TASKS_PER_AGENT:
-            raise InvalidArgumentError(
-                f"max_tasks must be between 0 (no limit) and {MAX_TASKS_PER_AGENT}",
-                metadata={"field": "max_tasks"},
-            )
-        window = min(intro.max_unacked or self.limits.default_window, self.limits.max_window)
         most = self.limits.max_sessions_per_agent
         if len(await self._presence.sessions_of(agent_id)) >= most:
             raise LimitExceededError(
@@ -142,9 +117,10 @@ class Hub:
             metadata=metadata,
             instance_id=instance_id,
             principal=principal,
+            max_tasks=asked.max_tasks,
         )
         self.subscribe(session, patterns)
-        record = AgentRecord(agent_id, capabilities, metadata, intro.max_tasks)
+        record = AgentRecord(agent_id, capabilities, metadata, asked.max_tasks)
         try:
             came_online = await self._presence.add_session(
                 record, session.id, self.server_id, instance_id
@@ -347,7 +323,9 @@ class Hub:
                 "idempotency_key is longer than 128 characters",
                 metadata={"field": "idempotency_key"},
             )
-        envelope = self._envelope(sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers, agent=to)
+        envelope = stamping.envelope(
+            self._ids, self.limits, sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers, agent=to
+        )
         expires_ms = 0
         if ttl is not None and ttl.ByteSize():
             seconds = ttl.ToNanoseconds() / 1e9
@@ -416,12 +394,20 @@ class Hub:
             self.guard.publish(principal, topic)
         self.rate.take(sender)
         if topic is None:
-            envelope = self._envelope(sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers)
+            envelope = stamping.envelope(
+                self._ids, self.limits, sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers
+            )
             lane = Lane.BROADCAST
         else:
             names.check_topic(topic)
-            envelope = self._envelope(
-                sender, Kind.MESSAGE_KIND_MESSAGE, payload, headers, topic=topic
+            envelope = stamping.envelope(
+                self._ids,
+                self.limits,
+                sender,
+                Kind.MESSAGE_KIND_MESSAGE,
+                payload,
+                headers,
+                topic=topic,
             )
             lane = Lane.TOPICS
         routed = bus_pb2.Routed(envelope=envelope, include_self=include_self)
@@ -449,8 +435,10 @@ class Hub:
                 metadata={"limit": "max_inflight_requests", "max": str(most)},
             )
         self.rate.take(sender)
-        seconds = self._timeout(reply_within)
-        envelope = self._envelope(sender, Kind.MESSAGE_KIND_REQUEST, payload, headers, agent=to)
+        seconds = stamping.request_timeout(self.limits, reply_within)
+        envelope = stamping.envelope(
+            self._ids, self.limits, sender, Kind.MESSAGE_KIND_REQUEST, payload, headers, agent=to
+        )
         session_id, server_id = await self.registry.pick(to, sender, NoResponderError)
         deadline_ms = time.time_ns() // 1_000_000 + int(seconds * 1000)
         reply_to = session.id if session is not None else "call"
@@ -544,7 +532,9 @@ class Hub:
             log.warning("this server was taken for dead; registering its sessions again")
             for session in self.local_sessions():
                 if session.registered:
-                    record = AgentRecord(session.agent_id, session.capabilities, session.metadata)
+                    record = AgentRecord(
+                        session.agent_id, session.capabilities, session.metadata, session.max_tasks
+                    )
                     await self._presence.add_session(
                         record, session.id, self.server_id, session.instance_id
                     )
@@ -595,7 +585,9 @@ class Hub:
         error: AgentpostError | None = None,
         error_proto: errors_pb2.Error | None = None,
     ) -> tuple[Envelope, asyncio.Future[None]]:
-        envelope = self._envelope(
+        envelope = stamping.envelope(
+            self._ids,
+            self.limits,
             responder,
             Kind.MESSAGE_KIND_REPLY,
             payload,
@@ -637,58 +629,6 @@ class Hub:
         if not future.cancelled() and future.exception() is not None:
             level = logging.WARNING if self.accepting else logging.DEBUG  # quiet while stopping
             log.log(level, "could not publish a system event: %s", future.exception())
-
-    def _envelope(
-        self,
-        sender: str,
-        kind: int,
-        payload: Payload | None,
-        headers: Mapping[str, str],
-        *,
-        agent: str = "",
-        topic: str = "",
-        correlation_id: str = "",
-    ) -> Envelope:
-        envelope = Envelope(id=self._ids.new(), sender=sender, kind=kind)  # type: ignore[arg-type]
-        if correlation_id:
-            envelope.correlation_id = correlation_id
-        if payload is not None:
-            envelope.payload.CopyFrom(payload)
-        if agent:
-            envelope.recipient.agent_id = agent
-        elif topic:
-            envelope.recipient.topic = topic
-        else:
-            envelope.recipient.broadcast.SetInParent()
-        stamp = envelope.created_at
-        stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
-        size = envelope.payload.ByteSize()
-        if headers:
-            header_bytes = check_headers(self.limits, headers)
-            envelope.headers.update(headers)
-            size += header_bytes
-        if envelope.payload.HasField("json"):
-            nesting.check(envelope.payload.json, self.limits.max_payload_depth)
-        if size > self.limits.max_payload_bytes:
-            raise PayloadTooLargeError(
-                f"the message is {size} bytes (payload and headers); the limit is"
-                f" {self.limits.max_payload_bytes}",
-                metadata={"limit_bytes": str(self.limits.max_payload_bytes)},
-            )
-        return envelope
-
-    def _timeout(self, timeout: duration_pb2.Duration | float | None) -> float:
-        if isinstance(timeout, duration_pb2.Duration):
-            seconds = timeout.ToNanoseconds() / 1e9 if timeout.ByteSize() else 0.0
-        else:
-            seconds = timeout or 0.0
-        if seconds < 0:
-            raise InvalidArgumentError(
-                "timeout must not be negative", metadata={"field": "timeout"}
-            )
-        if seconds == 0:
-            return self.limits.default_request_timeout
-        return min(seconds, self.limits.max_request_timeout)
 
     def _check_accepting(self) -> None:
         if not self.accepting:

@@ -36,6 +36,7 @@ class LocalSession:
     instance_id: str = ""
     capabilities: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    max_tasks: int = 0  # tasks the agent takes at once (0: no limit), as introduced
     broadcasts: bool = True
     max_buffered: int = 100_000
     subscriptions: set[str] = field(default_factory=set)
