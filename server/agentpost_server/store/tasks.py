@@ -97,7 +97,7 @@ if tonumber(plan.term) > 0 then
   if plan.dead then redis.call('ZADD', KEYS[7], plan.now, plan.id) end
 end
 if seq > 0 then redis.call('PUBLISH', KEYS[4], plan.id) end
-return {'ok', tostring(nv), tostring(seq)}
+return {'ok', tostring(nv), tostring(seq), redis.call('HGETALL', KEYS[1])}
 """
 
 
@@ -237,7 +237,9 @@ class RedisTasks:
             result = await self._commit(keys=keys, args=[json.dumps(plan), *blobs])
         status = _text(result[0])
         if status == "ok":
-            return Committed(version=int(result[1]), seq=int(result[2]))
+            flat = result[3]
+            stored = _record(task_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+            return Committed(version=int(result[1]), seq=int(result[2]), record=stored)
         if status == "dup":
             return _text(result[1])
         return None

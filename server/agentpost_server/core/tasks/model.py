@@ -132,7 +132,9 @@ def waiting_score(priority: int, created_ms: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Committed:
-    """What a commit did: the new version, and the event's seq (0 without an event)."""
+    """What a commit did: the new version, the event's seq (0 without an event), and the task
+    as stored afterwards (read back by the same script)."""
 
     version: int
     seq: int
+    record: TaskRecord | None = None

@@ -121,7 +121,7 @@ class TaskService:
             return task_view(earlier), True
         if isinstance(result, Committed):
             await self._after(record, change, result)
-        stored = await self.store.load(record.id)
+        stored = result.record if isinstance(result, Committed) else None
         if stored is None:  # pragma: no cover - just committed
             raise TaskNotFoundError(f"task {record.id} vanished", metadata={"task_id": record.id})
         offered = await self.dispatch(stored)
@@ -309,7 +309,7 @@ class TaskService:
             task_id, before, record = record.id, record, None
             if isinstance(committed, Committed):
                 await self._after(before, change, committed)
-                return await self.store.load(task_id)
+                return committed.record
         log.warning("task %s: gave up offering after repeated conflicts", task_id)
         return None
 
@@ -414,7 +414,7 @@ class TaskService:
             committed = await self.store.commit(record.id, record.version, change)
             if isinstance(committed, Committed):
                 await self._after(record, change, committed)
-                after = await self.store.load(task_id)
+                after = committed.record
                 if after is not None and after.state == SUBMITTED and after.not_before_ms <= now:
                     await self.dispatch(after)
                 return
@@ -480,8 +480,7 @@ class TaskService:
             committed = await self.store.commit(record.id, record.version, change)
             if isinstance(committed, Committed):
                 await self._after(record, change, committed)
-                after = await self.store.load(task_id)
-                return after or record
+                return committed.record or record
         raise AgentpostError(f"task {task_id} is changing too fast; retry")
 
     async def _visible(self, caller: str, admin: bool, task_id: str) -> TaskRecord:
