@@ -91,10 +91,13 @@ async def workflow_kick(ctx: dict[str, Any], run_id: str) -> None:
 
 
 async def task_sweep(ctx: dict[str, Any]) -> int:
-    """Offer waiting tasks whose target came online unnoticed; forget expired index entries."""
+    """Offer waiting tasks whose target came online unnoticed; forget index entries of tasks
+    and workflow runs past their retention (a run still running then stays readable by id)."""
     service: TaskService = ctx["tasks"]
     offered = await service.sweep()
-    await ctx["task_store"].trim(_now_ms() - ctx["task_retention_ms"])
+    before = _now_ms() - ctx["task_retention_ms"]
+    await ctx["task_store"].trim(before)
+    await ctx["workflows"].store.trim(before)
     return offered
 
 

@@ -158,6 +158,11 @@ class RedisWorkflows:
             found.append(event)
         return found
 
+    async def trim(self, before_ms: int) -> None:
+        """Forget index entries older than the retention (finished runs have expired)."""
+        with unavailable_on_redis_error("trimming the workflow index"):
+            await _wait(self._redis.zremrangebyscore(f"{self._keys.prefix}:wfs", "-inf", before_ms))
+
     async def ids(self, limit: int, offset: int = 0) -> list[str]:
         """Run ids, newest first."""
         with unavailable_on_redis_error("listing workflow runs"):

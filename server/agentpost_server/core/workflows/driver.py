@@ -106,6 +106,8 @@ class WorkflowStore(Protocol):
 
     async def ids(self, limit: int, offset: int = 0) -> list[str]: ...
 
+    async def trim(self, before_ms: int) -> None: ...
+
 
 def _ms() -> int:
     return time.time_ns() // 1_000_000
