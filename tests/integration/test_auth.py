@@ -390,3 +390,19 @@ async def test_another_agents_task_and_workflow_are_out_of_reach_but_admin_may(
         )
         assert (await root.cancel_task(handle.id, "admin")).state.value == "canceled"
         assert (await root.cancel_workflow("bobs-run", "admin")).state.value == "canceled"
+
+
+async def test_the_audit_stream_is_admin_only_beyond_the_callers_own_records(
+    secured: App, issued: dict[str, str]
+) -> None:
+    target = _target(secured)
+    async with (
+        agentpost.Client(target, options=_opts(issued["alice"])) as alice,
+        agentpost.Client(target, options=_opts(issued["root"])) as root,
+    ):
+        with pytest.raises(PermissionDeniedError):
+            await alice.audit()
+        with pytest.raises(PermissionDeniedError):
+            await alice.audit("bob")
+        assert await alice.audit("alice") is not None
+        assert isinstance(await root.audit(), list)

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from agentpost.errors import InvalidArgumentError, PermissionDeniedError
+from agentpost.errors import InvalidArgumentError, PermissionDeniedError, TaskNotFoundError
 from agentpost.v1 import tasks_pb2
 from agentpost_server.core.auth import Principal
 from agentpost_server.core.ports import Audit
@@ -140,7 +140,13 @@ class TaskRpcs:
                     raise PermissionDeniedError(
                         "listing the whole audit stream needs the admin role; name a subject"
                     )
-                await self._tasks.get(who.agent_id, False, subject, False)
+                try:  # a task it is part of
+                    await self._tasks.get(who.agent_id, False, subject, False)
+                except TaskNotFoundError:
+                    raise PermissionDeniedError(
+                        f"the audit records about {subject!r} need the admin role (without it:"
+                        " records about yourself or a task you are part of)"
+                    ) from None
         response = tasks_pb2.ListAuditResponse()
         for record in await self._audit.list(subject, _limit(request.limit)):
             entry = response.records.add(
