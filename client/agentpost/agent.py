@@ -29,17 +29,16 @@ from typing import Any, TypeVar
 from agentpost import _keys, _status
 from agentpost._desk import TaskHandler
 from agentpost._keys import RETRY_KEY_PREFIX, RetryKeys
+from agentpost._taskapi import TaskMethods
+from agentpost._taskcalls import TaskCalls
 from agentpost._workflowapi import WorkflowMethods
 from agentpost._workflowcalls import WorkflowCalls
 from agentpost.assignment import Assignment
-from agentpost.audit import AuditRecord
 from agentpost.config import ConnectOptions
 from agentpost.errors import InvalidArgumentError, UnavailableError
-from agentpost.handle import TaskHandle
 from agentpost.message import Message
 from agentpost.payload import fill_headers, fill_payload, fill_struct
 from agentpost.session import RequestHandler, Session
-from agentpost.tasks import TaskInfo, TaskState, build_spec
 from agentpost.v1 import messaging_pb2
 
 __all__ = [
@@ -129,7 +128,7 @@ class AgentConnector:
             await agent._close(abort=exc_type is not None)
 
 
-class Agent(WorkflowMethods):
+class Agent(TaskMethods, WorkflowMethods):
     """A connected agent. Get one from `connect()`; every method raises `AgentpostError`s only."""
 
     def __init__(self, session: Session, agent_id: str) -> None:
@@ -377,85 +376,10 @@ class Agent(WorkflowMethods):
                     inbox.done(held)
 
     # ----------------------------------------------------------------- tasks: originator
+    # handoff, task_handle, get_task, watch_task, cancel_task, list_tasks, audit: TaskMethods
 
-    async def handoff(
-        self,
-        to: str | None = None,
-        *,
-        capability: str | None = None,
-        title: str,
-        description: str = "",
-        input: Any = None,
-        context: Mapping[str, Any] | None = None,
-        references: Mapping[str, str] | None = None,
-        priority: int = 0,
-        deadline: datetime.datetime | datetime.timedelta | float | None = None,
-        accept_timeout: float | None = None,
-        max_attempts: int | None = None,
-        idempotency_key: str | None = None,
-    ) -> TaskHandle:
-        """Hand a task off to agent `to`, or to any agent with `capability` (exactly one);
-        returns at once with its handle (`await handle.result()` waits for the outcome).
-
-        `title` (1-200 characters) and `description` say what to do, `input` (JSON data or
-        bytes), `context` (a JSON object) and `references` (strings) carry what is needed.
-        Higher `priority` (-1000 to 1000) is offered first. `deadline` (an aware datetime, a
-        timedelta or seconds from now) expires the task; `accept_timeout` (seconds) and
-        `max_attempts` override the server's defaults for offers.
-
-        Like `send`, a handoff carries an idempotency key, so one repeated after a lost
-        connection creates one task: the SDK's short-lived "~" key, or your own
-        `idempotency_key` to retry later yourself (`handle.duplicate` is then True).
-        Raises `AgentNotFoundError` for an unknown `to`, `InvalidArgumentError` for a bad
-        argument (before anything is sent).
-        """
-        spec = build_spec(
-            to=to,
-            capability=capability,
-            title=title,
-            description=description,
-            input=input,
-            context=context,
-            references=references,
-            priority=priority,
-            deadline=deadline,
-            accept_timeout=accept_timeout,
-            max_attempts=max_attempts,
-        )
-        key = _keys.idempotency_key(idempotency_key, self._retry_key)
-        return await TaskHandle.hand_off(self._session.desk.calls, spec, key)
-
-    def task_handle(self, task_id: str) -> TaskHandle:
-        """The handle of a task handed off earlier (by this agent), by id."""
-        return TaskHandle(self._session.desk.calls, task_id)
-
-    async def get_task(self, task_id: str, *, history: bool = False) -> TaskInfo:
-        """A task as the server knows it; `TaskNotFoundError`."""
-        return await self._session.desk.calls.get(task_id, history=history)
-
-    async def cancel_task(self, task_id: str, reason: str = "") -> TaskInfo:
-        """Cancel a task this agent handed off; the task after it."""
-        return await self._session.desk.calls.cancel(task_id, reason)
-
-    async def list_tasks(
-        self,
-        *,
-        dead: bool = False,
-        states: Sequence[TaskState | str] = (),
-        originator: str | None = None,
-        assignee: str | None = None,
-        limit: int = 100,
-    ) -> list[TaskInfo]:
-        """Tasks, newest first, without history: only `dead` ones (failed, rejected, expired),
-        only in `states`, only of an `originator` or an `assignee`; at most `limit` (1-1000)."""
-        return await self._session.desk.calls.list_tasks(
-            dead=dead, states=states, originator=originator, assignee=assignee, limit=limit
-        )
-
-    async def audit(self, subject: str | None = None, limit: int = 100) -> list[AuditRecord]:
-        """The audit trail, newest first: about `subject` (a task, workflow run or agent id)
-        or everything; at most `limit` (1-1000)."""
-        return await self._session.desk.calls.audit(subject, limit)
+    def _task_calls(self) -> TaskCalls:
+        return self._session.desk.calls
 
     # ----------------------------------------------------------------- tasks: assignee
 

@@ -8,8 +8,6 @@ async with agentpost.Client("127.0.0.1:50051", agent_id="script") as client:
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -23,21 +21,19 @@ from typing import Any, Literal, TypeVar
 
 import grpc
 
-from agentpost import _keys, _status
+from agentpost import _status
 from agentpost._caller import AGENT_ID_METADATA, Caller
 from agentpost._keys import RetryKeys
+from agentpost._taskapi import TaskMethods
 from agentpost._taskcalls import TaskCalls
 from agentpost._workflowapi import WorkflowMethods
 from agentpost._workflowcalls import WorkflowCalls
 from agentpost.agent import fill_send_options
-from agentpost.audit import AuditRecord
 from agentpost.config import ConnectOptions
 from agentpost.errors import InvalidArgumentError, UnavailableError
-from agentpost.handle import TaskHandle
 from agentpost.mailbox import DeadLetter, MailboxInfo
 from agentpost.message import AgentInfo, Message, agent_info_from_proto
 from agentpost.payload import fill_headers, fill_payload, fill_struct
-from agentpost.tasks import TaskEvent, TaskInfo, TaskState, build_spec
 from agentpost.v1 import agents_pb2, messaging_pb2, messaging_pb2_grpc
 
 __all__ = ["AGENT_ID_METADATA", "Client", "Presence"]
@@ -53,7 +49,7 @@ _MAX_DEAD_LETTERS = 1000
 T = TypeVar("T")
 
 
-class Client(WorkflowMethods):
+class Client(TaskMethods, WorkflowMethods):
     """Unary calls to the server at `target`, as `agent_id` ("anonymous" when not given; with
     `options.token`, the token's agent, and an `agent_id` naming another one is refused).
 
@@ -291,77 +287,10 @@ class Client(WorkflowMethods):
 
     # ----------------------------------------------------------------- tasks
 
-    async def handoff(
-        self,
-        to: str | None = None,
-        *,
-        capability: str | None = None,
-        title: str,
-        description: str = "",
-        input: Any = None,
-        context: Mapping[str, Any] | None = None,
-        references: Mapping[str, str] | None = None,
-        priority: int = 0,
-        deadline: datetime.datetime | datetime.timedelta | float | None = None,
-        accept_timeout: float | None = None,
-        max_attempts: int | None = None,
-        idempotency_key: str | None = None,
-    ) -> TaskHandle:
-        """Hand a task off as this client's agent id; its handle. See `Agent.handoff`: the
-        arguments, the idempotency key and the errors are the same."""
-        spec = build_spec(
-            to=to,
-            capability=capability,
-            title=title,
-            description=description,
-            input=input,
-            context=context,
-            references=references,
-            priority=priority,
-            deadline=deadline,
-            accept_timeout=accept_timeout,
-            max_attempts=max_attempts,
-        )
-        key = _keys.idempotency_key(idempotency_key, self._retry_key)
-        return await TaskHandle.hand_off(self._tasks, spec, key)
+    # handoff, task_handle, get_task, watch_task, cancel_task, list_tasks, audit: TaskMethods
 
-    def task_handle(self, task_id: str) -> TaskHandle:
-        """The handle of a task, by id (`result()`, `events()`, `cancel()`...)."""
-        return TaskHandle(self._tasks, task_id)
-
-    async def get_task(self, task_id: str, *, history: bool = False) -> TaskInfo:
-        """A task as the server knows it (with every event, with `history`);
-        `TaskNotFoundError`."""
-        return await self._tasks.get(task_id, history=history)
-
-    async def watch_task(self, task_id: str, after_seq: int = 0) -> AsyncGenerator[TaskEvent, None]:
-        """A task's events after `after_seq`, as they come, ending after the terminal one
-        (see `TaskHandle.events`)."""
-        async with contextlib.aclosing(self._tasks.watch(task_id, after_seq)) as events:
-            async for event in events:
-                yield event
-
-    async def cancel_task(self, task_id: str, reason: str = "") -> TaskInfo:
-        """Cancel a task (its originator only); the task after it."""
-        return await self._tasks.cancel(task_id, reason)
-
-    async def list_tasks(
-        self,
-        *,
-        dead: bool = False,
-        states: Sequence[TaskState | str] = (),
-        originator: str | None = None,
-        assignee: str | None = None,
-        limit: int = 100,
-    ) -> list[TaskInfo]:
-        """Tasks, newest first, without history (see `Agent.list_tasks`)."""
-        return await self._tasks.list_tasks(
-            dead=dead, states=states, originator=originator, assignee=assignee, limit=limit
-        )
-
-    async def audit(self, subject: str | None = None, limit: int = 100) -> list[AuditRecord]:
-        """The audit trail, newest first: about `subject`, or everything; at most `limit`."""
-        return await self._tasks.audit(subject, limit)
+    def _task_calls(self) -> TaskCalls:
+        return self._tasks
 
     # ----------------------------------------------------------------- workflows
     # coordinate, attach, get_workflow, list_workflows, cancel_workflow: see WorkflowMethods
