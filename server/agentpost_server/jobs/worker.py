@@ -19,9 +19,11 @@ Jobs are JSON-serialized (never pickle). Two queues, each with its own arq Worke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from arq import cron
@@ -52,42 +54,41 @@ async def sweep_mailboxes(ctx: dict[str, Any]) -> int:
     return await sweep(ctx["presence"], ctx["mailboxes"], max_age_ms=ctx["max_age_ms"])
 
 
-async def task_tick(ctx: dict[str, Any], task_id: str) -> None:
-    """A task's scheduled check (accept timeout, backoff elapsed, liveness, deadline)."""
+@contextlib.contextmanager
+def _retry_while_unavailable() -> Iterator[None]:
+    """Redis is away: arq runs the job again in 2 s (its max_tries is high)."""
     try:
-        await ctx["tasks"].tick(task_id)
+        yield
     except UnavailableError as exc:
         raise Retry(defer=2) from exc
+
+
+async def task_tick(ctx: dict[str, Any], task_id: str) -> None:
+    """A task's scheduled check (accept timeout, backoff elapsed, liveness, deadline)."""
+    with _retry_while_unavailable():
+        await ctx["tasks"].tick(task_id)
 
 
 async def workflow_step_done(ctx: dict[str, Any], task_id: str) -> None:
     """A workflow step's task ended (its on_done continuation)."""
-    try:
+    with _retry_while_unavailable():
         await ctx["workflows"].on_task_done(task_id)
-    except UnavailableError as exc:
-        raise Retry(defer=2) from exc
 
 
 async def workflow_retry(ctx: dict[str, Any], run_id: str, step_id: str, attempt: str) -> None:
-    try:
+    with _retry_while_unavailable():
         await ctx["workflows"].on_retry_due(run_id, step_id, int(attempt))
-    except UnavailableError as exc:
-        raise Retry(defer=2) from exc
 
 
 async def workflow_timeout(ctx: dict[str, Any], run_id: str) -> None:
-    try:
+    with _retry_while_unavailable():
         await ctx["workflows"].on_run_timeout(run_id)
-    except UnavailableError as exc:
-        raise Retry(defer=2) from exc
 
 
 async def workflow_kick(ctx: dict[str, Any], run_id: str) -> None:
     """Carry out a run's actions that a crashed process left pending."""
-    try:
+    with _retry_while_unavailable():
         await ctx["workflows"].kick(run_id)
-    except UnavailableError as exc:
-        raise Retry(defer=2) from exc
 
 
 async def task_sweep(ctx: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,3 +57,28 @@ def stored(job: Job, queue: str) -> StoredJob:
         expires_ms=run_at - now + expires_extra_ms,
         data=data,
     )
+
+
+# Lua, for a script whose plan (JSON) carries `jobs` as made by `plan_entries`: queue each job
+# as arq's enqueue_job would, unless a job with its id exists already.
+WRITE_JOBS = """
+for _, j in ipairs(plan.jobs) do
+  if redis.call('EXISTS', j[1]) == 0 then
+    redis.call('PSETEX', j[1], j[4], ARGV[tonumber(j[5])])
+    redis.call('ZADD', j[2], j[3], j[6])
+  end
+end
+"""
+
+
+def plan_entries(
+    to_schedule: Sequence[Job], queue: str, blob: Callable[[bytes], str]
+) -> list[list[str]]:
+    """The `jobs` of a script's plan; `blob` passes the job data as an ARGV and names it."""
+    entries = []
+    for job in to_schedule:
+        s = stored(job, queue)
+        entries.append(
+            [s.job_key, s.queue, str(s.score_ms), str(s.expires_ms), blob(s.data), job.job_id]
+        )
+    return entries

@@ -39,7 +39,8 @@ from agentpost_server.store.keys import Keys
 
 # KEYS: task, history, audit, tasks channel, open, all, dead, load, queue index
 # ARGV[1]: the plan (JSON, every number as a string); ARGV[2...]: the binary values it names.
-_COMMIT = """
+_COMMIT = (
+    """
 local plan = cjson.decode(ARGV[1])
 if plan.idem then
   local prior = redis.call('GET', plan.idem[1])
@@ -84,12 +85,9 @@ end
 for _, m in ipairs(plan.mail) do
   redis.call('XADD', m[1], '*', 'e', ARGV[tonumber(m[2])], 'x', m[3], 'i', m[4])
 end
-for _, j in ipairs(plan.jobs) do
-  if redis.call('EXISTS', j[1]) == 0 then
-    redis.call('PSETEX', j[1], j[4], ARGV[tonumber(j[5])])
-    redis.call('ZADD', j[2], j[3], j[6])
-  end
-end
+"""
+    + jobs.WRITE_JOBS
+    + """
 if tonumber(plan.term) > 0 then
   redis.call('ZREM', KEYS[5], plan.id)
   redis.call('PEXPIRE', KEYS[1], plan.term)
@@ -99,6 +97,7 @@ end
 if seq > 0 then redis.call('PUBLISH', KEYS[4], plan.id) end
 return {'ok', tostring(nv), tostring(seq), redis.call('HGETALL', KEYS[1])}
 """
+)
 
 
 def _now_ms() -> int:
@@ -198,7 +197,7 @@ class RedisTasks:
                 ]
                 for m in change.mail
             ],
-            "jobs": [],
+            "jobs": jobs.plan_entries(change.jobs, self._queue, blob),
             "term": str(self._retention_ms) if change.terminal else "0",
             "dead": change.dead,
         }
@@ -213,11 +212,6 @@ class RedisTasks:
             plan["limit"] = [change.limit[0], str(change.limit[1])]
         if change.enqueue:
             plan["enq"] = [self._waiting(change.enqueue), repr(change.score)]
-        for job in change.jobs:
-            s = jobs.stored(job, self._queue)
-            plan["jobs"].append(
-                [s.job_key, s.queue, str(s.score_ms), str(s.expires_ms), blob(s.data), job.job_id]
-            )
         if idempotency is not None:
             sender, key = idempotency
             keep = self._retry_ms if key.startswith("~") else self._idempotency_ms

@@ -29,7 +29,8 @@ from agentpost_server.store.errors import unavailable_on_redis_error
 from agentpost_server.store.keys import Keys
 
 # KEYS: run, events, index, channel; ARGV[1]: plan JSON; ARGV[2...]: blobs it names.
-_COMMIT = """
+_COMMIT = (
+    """
 local plan = cjson.decode(ARGV[1])
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '-1')
 if v ~= tonumber(plan.v) then return {'conflict', tostring(v)} end
@@ -41,12 +42,9 @@ end
 for _, e in ipairs(plan.events) do
   redis.call('XADD', KEYS[2], '0-' .. e[1], 'e', ARGV[tonumber(e[2])])
 end
-for _, j in ipairs(plan.jobs) do
-  if redis.call('EXISTS', j[1]) == 0 then
-    redis.call('PSETEX', j[1], j[4], ARGV[tonumber(j[5])])
-    redis.call('ZADD', j[2], j[3], j[6])
-  end
-end
+"""
+    + jobs.WRITE_JOBS
+    + """
 if v < 0 then redis.call('ZADD', KEYS[3], plan.now, plan.id) end
 if tonumber(plan.term) > 0 then
   redis.call('PEXPIRE', KEYS[1], plan.term)
@@ -55,6 +53,7 @@ end
 if #plan.events > 0 then redis.call('PUBLISH', KEYS[4], plan.id) end
 return {'ok', tostring(nv)}
 """
+)
 
 # KEYS: run; ARGV: the version up to which pending actions are done
 _DONE = """
@@ -119,14 +118,9 @@ class RedisWorkflows:
             "run": blob(run.SerializeToString()),
             "pend": [blob(action) for action in pending],
             "events": [[str(e.seq), blob(e.SerializeToString())] for e in events],
-            "jobs": [],
+            "jobs": jobs.plan_entries(jobs_to_schedule, self._queue, blob),
             "term": str(self._retention_ms) if terminal else "0",
         }
-        for job in jobs_to_schedule:
-            s = jobs.stored(job, self._queue)
-            plan["jobs"].append(
-                [s.job_key, s.queue, str(s.score_ms), str(s.expires_ms), blob(s.data), job.job_id]
-            )
         keys = [
             self._run(run_id),
             self._run(run_id) + ":ev",
