@@ -482,12 +482,16 @@ async def test_an_agent_with_max_tasks_gets_the_waiting_ones_by_priority(
         first = await boss.handoff(capability="one", title="first")
         held = await next_offer(agent)
         assert held.id == first.id
-        low = await boss.handoff(capability="one", title="low", priority=-1)
-        await boss.handoff(agentId="single", title="high", priority=9)
-        await boss.handoff(capability="one", title="normal")
-        await asyncio.sleep(0.3)
+        waiting = [
+            await boss.handoff(capability="one", title="low", priority=-1),
+            await boss.handoff(agentId="single", title="high", priority=9),
+            await boss.handoff(capability="one", title="normal"),
+        ]
+        # A handoff returns after its offer is made, if one is: these were kept waiting.
+        for task in waiting:
+            assert task.state == S.TASK_STATE_SUBMITTED
+            assert (await boss.get(task.id)).state == S.TASK_STATE_SUBMITTED
         assert len(offers(agent)) == 1  # it holds one: the others wait
-        assert (await boss.get(low.id)).state == S.TASK_STATE_SUBMITTED
         order = []
         for seen in range(1, 4):
             current = offers(agent)[-1]
