@@ -157,6 +157,10 @@ class App:
             await self._server.stop(grace)
         if self.hub is not None:
             await self.hub.wait_closed()
+            if self.hub.workflows is not None:
+                await self.hub.workflows.close()
+            if self.hub.tasks is not None:
+                await self.hub.tasks.close()
         if self.guard is not None:  # audit records of the last refusals
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):

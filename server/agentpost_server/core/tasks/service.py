@@ -10,12 +10,10 @@ read candidates, one to commit). The arq worker only keeps time: the jobs a comm
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from agentpost.errors import (
     AgentNotFoundError,
@@ -27,6 +25,7 @@ from agentpost.errors import (
 )
 from agentpost.v1 import tasks_pb2
 from agentpost_server.core import names
+from agentpost_server.core.background import Background
 from agentpost_server.core.follow import Follow
 from agentpost_server.core.ids import UlidFactory
 from agentpost_server.core.ports import Job, PresenceStore, TaskStore
@@ -80,7 +79,7 @@ class TaskService:
         self.config = config
         self._max_payload = max_payload_bytes
         self._follow: Follow[tasks_pb2.TaskEvent] = Follow()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
         # Told about every event of a task that belongs to a workflow run (best effort: the
         # durable path is the task's on_done job).
         self.observer: Callable[[TaskRecord, tasks_pb2.TaskEvent], Awaitable[None]] | None = None
@@ -345,12 +344,13 @@ class TaskService:
 
     def on_agent_online(self, agent_id: str, capabilities: Sequence[str]) -> None:
         """An agent opened a session here: offer it what waits for it or its capabilities."""
-        self._spawn(self._drain_quietly([f"a:{agent_id}", *(f"c:{c}" for c in capabilities)]))
+        self._background.spawn(
+            self._drain_quietly([f"a:{agent_id}", *(f"c:{c}" for c in capabilities)])
+        )
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def close(self) -> None:
+        """Stop the background work (before the storage connections close)."""
+        await self._background.close()
 
     async def _freed(self, agent_id: str) -> None:
         """The agent gave a task back: if it takes a limited number, offer it what waits."""
@@ -445,7 +445,7 @@ class TaskService:
             self._wake(mail.agent_id)
         for agent_id, delta in change.load.items():
             if delta < 0:
-                self._spawn(self._freed(agent_id))
+                self._background.spawn(self._freed(agent_id))
         if self.observer is not None and record.workflow_run_id and change.event is not None:
             event = tasks_pb2.TaskEvent()
             event.CopyFrom(change.event)

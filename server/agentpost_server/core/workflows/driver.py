@@ -12,7 +12,6 @@ the task service's observer (best effort: news only).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -34,6 +33,7 @@ from agentpost.errors import (
 from agentpost.payload import content_type_of, from_payload, to_payload
 from agentpost.v1 import tasks_pb2, workflows_pb2
 from agentpost_server.core import names
+from agentpost_server.core.background import Background
 from agentpost_server.core.follow import Follow
 from agentpost_server.core.ids import UlidFactory
 from agentpost_server.core.ports import Audit, Job
@@ -129,7 +129,7 @@ class WorkflowService:
         self._audit = audit
         self._max_steps = max_steps
         self._follow: Follow[workflows_pb2.WorkflowEvent] = Follow()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
         tasks.observer = self.on_task_event
 
     # -- the RPCs -----------------------------------------------------------------------------
@@ -252,9 +252,7 @@ class WorkflowService:
         within the worker's polling delay, then finds nothing left to do); offered, started and
         progress are folded in before the call that caused them returns, so they stay in order."""
         if event.state in TERMINAL:
-            finishing = asyncio.create_task(self._finish_quietly(record.id))
-            self._background.add(finishing)
-            finishing.add_done_callback(self._background.discard)
+            self._background.spawn(self._finish_quietly(record.id))
             return
         update = _update(record, event)
         if update is None:
@@ -266,6 +264,10 @@ class WorkflowService:
                     r, record.workflow_step_id, record.workflow_attempt, update, now
                 ),
             )
+
+    async def close(self) -> None:
+        """Stop the background work (before the storage connections close)."""
+        await self._background.close()
 
     async def _finish_quietly(self, task_id: str) -> None:
         try:
