@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,6 +121,9 @@ async def _common(ctx: dict[str, Any], settings: Settings, keys: Keys) -> None:
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    for service in (ctx.get("workflows"), ctx.get("tasks")):
+        if service is not None:
+            await service.close()
     writer = ctx.get("writer")
     if writer is not None:
         await writer.close()
@@ -231,8 +233,26 @@ async def run_workers(workers: list[Worker]) -> None:
     try:
         await asyncio.gather(*(worker.main() for worker in workers))
     finally:
-        # arq 0.28 closes its pool with redis-py's deprecated close(); the pool is still closed.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            for worker in workers:
-                await worker.close()
+        for worker in workers:
+            await _close(worker)
+
+
+async def _close(worker: Worker) -> None:
+    """What arq's `Worker.close()` does, in an order that survives cancellation: its close()
+    gathers the cancelled job tasks without `return_exceptions` and so raises before the
+    shutdown hook runs and the pool closes (leaking connections, with jobs still writing
+    their outcome afterwards). Here the jobs are cancelled and waited for (they record their
+    outcome on the pool), then the hook runs and the pool is closed."""
+    jobs = list(worker.tasks.values())
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
+    pool = worker._pool
+    if pool is None:
+        return
+    try:
+        if worker.on_shutdown is not None:
+            await worker.on_shutdown(worker.ctx)
+    finally:
+        worker._pool = None
+        await pool.aclose(close_connection_pool=True)
